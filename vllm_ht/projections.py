@@ -1,0 +1,33 @@
+"""TransferProjections: the k linear maps W_s that turn h^{l_s}_i into the pseudo state e_{i,s}.
+
+e_{i,s} = W_s h^{l_s}_i (+ b_s), identity-initialised so an untrained checkpoint drafts "the same
+hidden state one position later" — lossless (verification) but with low acceptance.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .config import HiddenTransferConfig
+
+
+class TransferProjections(nn.Module):
+    def __init__(self, config: HiddenTransferConfig):
+        super().__init__()
+        k, d = config.num_steps, config.hidden_size
+        self.num_steps, self.hidden_size = k, d
+        self.weight = nn.Parameter(torch.eye(d).repeat(k, 1, 1))   # [k, d_out, d_in]
+        self.bias = nn.Parameter(torch.zeros(k, d)) if config.bias else None  # [k, d]
+
+    def step(self, hidden: torch.Tensor, s: int) -> torch.Tensor:
+        """Pseudo states of step s (0-based) for rows of `hidden` [..., d] -> [..., d]."""
+        w = self.weight[s].to(hidden.dtype)
+        b = None if self.bias is None else self.bias[s].to(hidden.dtype)
+        return nn.functional.linear(hidden, w, b)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """All steps from one transfer layer: hidden [n, d] -> pseudo [n, k, d]."""
+        out = torch.einsum("nd,ked->nke", hidden, self.weight.to(hidden.dtype))
+        if self.bias is not None:
+            out = out + self.bias.to(hidden.dtype)
+        return out
