@@ -1,0 +1,129 @@
+"""The Hidden Transfer forward pass on a HF transformers model of the Llama family.
+
+One call runs a step's real rows (prompt tokens, or a flattened draft tree) through all layers and,
+for chosen real rows (anchors), k pseudo rows through the layers above their transfer layer.
+
+Rows, in order: real rows 0..R-1, then pseudo rows. Pseudo row (a, s) joins at module index l_s
+(the transfer layer of step s): its state is W_s h^{l_s}_a, its position pos(a) + s + 1 (s 0-based).
+Attention (DESIGN §1):
+- real row i sees the whole cache and the real rows j with window_mask[i, j];
+- pseudo row (a, s) sees the whole cache, the real rows anchor a sees, and the pseudo rows (a, s')
+  with s' <= s that have joined; nothing real sees a pseudo row, and pseudo K/V are never cached.
+So the real rows compute exactly what the plain model computes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+from ..config import HiddenTransferConfig
+from ..projections import TransferProjections
+from .cache import KVCache
+
+
+@dataclass
+class StepInput:
+    tokens: torch.Tensor          # [R] long
+    positions: torch.Tensor       # [R] long
+    window_mask: torch.Tensor     # [R, R] bool: real row i sees real row j of this step
+    anchors: torch.Tensor         # [P] long: real rows that get k pseudo rows (may be empty)
+    logit_rows: torch.Tensor | None = None  # [R'] real rows whose logits are needed (None: all)
+
+
+@dataclass
+class StepOutput:
+    real_logits: torch.Tensor     # [R', V] fp32, rows of StepInput.logit_rows
+    pseudo_hidden: torch.Tensor   # [P, k, d] final-normed pseudo states (LM head not yet applied)
+
+
+class HTForward:
+    """Runs StepInputs against a model + projections + KVCache. No state besides the cache."""
+
+    def __init__(self, model: torch.nn.Module, projections: TransferProjections | None,
+                 config: HiddenTransferConfig):
+        self.model, self.projections, self.config = model, projections, config
+        inner = model.model
+        self.layers, self.embed, self.norm, self.rotary = inner.layers, inner.embed_tokens, inner.norm, inner.rotary_emb
+        self.lm_head = model.lm_head
+        attn = self.layers[0].self_attn
+        self.head_dim, self.scaling = attn.head_dim, attn.scaling
+
+    def logits(self, normed: torch.Tensor) -> torch.Tensor:
+        """Final-normed states [..., d] -> fp32 logits [..., V]."""
+        return self.lm_head(normed).float()
+
+    @torch.inference_mode()
+    def __call__(self, step: StepInput, cache: KVCache) -> StepOutput:
+        k_steps = self.config.num_steps
+        num_real, device = step.tokens.shape[0], step.tokens.device
+        cache.check_room(num_real)
+        anchors = step.anchors.to(device)
+        x = self.embed(step.tokens)                                   # [R, d]
+        pos_real = step.positions.to(device)
+        # pseudo rows are appended as their steps join: (anchor index into `anchors`, step s)
+        p_anchor = torch.empty(0, dtype=torch.long, device=device)    # [Q]
+        p_step = torch.empty(0, dtype=torch.long, device=device)      # [Q]
+        join = {} if anchors.numel() == 0 else self._joins()
+        mask = self._mask(step.window_mask.to(device), anchors, p_anchor, p_step, cache.length)
+        cos, sin = self.rotary(x[None], pos_real[None])
+        for j, layer in enumerate(self.layers):
+            if j in join:  # steps whose transfer layer is j: h^j is x now
+                a_idx = torch.arange(anchors.numel(), device=device)
+                for s in join[j]:
+                    x = torch.cat([x, self.projections.step(x[anchors], s)])
+                    p_anchor = torch.cat([p_anchor, a_idx])
+                    p_step = torch.cat([p_step, torch.full_like(a_idx, s)])
+                pos = torch.cat([pos_real, pos_real[anchors[p_anchor]] + p_step + 1])
+                cos, sin = self.rotary(x[None], pos[None])
+                mask = self._mask(step.window_mask.to(device), anchors, p_anchor, p_step, cache.length)
+            x = self._layer(layer, j, x, cos, sin, mask, cache, num_real)
+        rows = step.logit_rows if step.logit_rows is not None else torch.arange(num_real, device=device)
+        real_logits = self.logits(self.norm(x[rows.to(device)]))
+        pseudo = torch.zeros(anchors.numel(), k_steps, x.shape[-1], dtype=x.dtype, device=device)
+        if p_anchor.numel():
+            pseudo[p_anchor, p_step] = self.norm(x[num_real:])
+        return StepOutput(real_logits=real_logits, pseudo_hidden=pseudo)
+
+    def _joins(self) -> dict[int, list[int]]:
+        """Module index -> steps joining there. transfer layer l means h^l = output of l layers."""
+        out: dict[int, list[int]] = {}
+        for s, layer in enumerate(self.config.transfer_layers):
+            out.setdefault(layer, []).append(s)
+        return out
+
+    @staticmethod
+    def _mask(window: torch.Tensor, anchors: torch.Tensor, p_anchor: torch.Tensor,
+              p_step: torch.Tensor, num_cached: int) -> torch.Tensor:
+        """[T, num_cached + T] bool for T = R real + Q pseudo rows (keys: cache, real, pseudo)."""
+        num_real, q = window.shape[0], p_anchor.shape[0]
+        t = num_real + q
+        m = torch.zeros(t, num_cached + t, dtype=torch.bool, device=window.device)
+        m[:, :num_cached] = True
+        m[:num_real, num_cached : num_cached + num_real] = window
+        if q:
+            m[num_real:, num_cached : num_cached + num_real] = window[anchors[p_anchor]]
+            same_group = p_anchor[:, None] == p_anchor[None, :]
+            earlier = p_step[None, :] <= p_step[:, None]
+            m[num_real:, num_cached + num_real :] = same_group & earlier
+        return m
+
+    def _layer(self, layer, j: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+               mask: torch.Tensor, cache: KVCache, num_real: int) -> torch.Tensor:
+        h = layer.input_layernorm(x)
+        attn = layer.self_attn
+        t = x.shape[0]
+        q = attn.q_proj(h).view(1, t, -1, self.head_dim).transpose(1, 2)  # [1, H, T, hd]
+        k = attn.k_proj(h).view(1, t, -1, self.head_dim).transpose(1, 2)  # [1, Hkv, T, hd]
+        v = attn.v_proj(h).view(1, t, -1, self.head_dim).transpose(1, 2)  # [1, Hkv, T, hd]
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        cache.write(j, k[0, :, :num_real], v[0, :, :num_real])
+        ck, cv = cache.view(j, num_real)                                    # [Hkv, n+R, hd]
+        keys = torch.cat([ck, k[0, :, num_real:]], dim=1)[None]             # [1, Hkv, n+T, hd]
+        vals = torch.cat([cv, v[0, :, num_real:]], dim=1)[None]
+        o = F.scaled_dot_product_attention(q, keys, vals, attn_mask=mask, scale=self.scaling,
+                                           enable_gqa=True)                 # [1, H, T, hd]
+        x = x + attn.o_proj(o.transpose(1, 2).reshape(t, -1))
+        return x + layer.mlp(layer.post_attention_layernorm(x))
