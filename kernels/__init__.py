@@ -1,0 +1,46 @@
+"""Kernels for Hidden Transfer verification: tree-masked paged attention and KV compaction.
+
+Entry points the engine calls (they dispatch on the tensors' device):
+- `tree_paged_attention(...)`: Triton (`kernels.tree_attention`) for CUDA tensors, the torch
+  reference (`kernels.reference.tree_paged_attention_ref`) otherwise.
+- `compact_kv(...)`: Triton (`kernels.kv_compact.kv_compact`) for CUDA tensors, the torch reference
+  (`kernels.reference.kv_compact_ref`) otherwise. (Not named `kv_compact`: that name is the submodule.)
+- `pack_window_mask` / `unpack_window_mask`: bool mask <-> the int32 row bitmask both kernels read.
+
+Triton is imported lazily, only for CUDA tensors or when a Triton submodule is imported, so the
+CPU path needs no Triton at all. On a machine without CUDA the Triton submodules still import and
+run, in Triton's interpreter, without touching the process environment (`kernels._triton`).
+"""
+from typing import Optional, Sequence
+
+import torch
+
+from kernels.reference import kv_compact_ref, tree_paged_attention_ref
+from kernels.window_mask import num_mask_words, pack_window_mask, unpack_window_mask
+
+__all__ = [
+    "tree_paged_attention", "compact_kv", "tree_paged_attention_ref", "kv_compact_ref",
+    "pack_window_mask", "unpack_window_mask", "num_mask_words",
+]
+
+
+def tree_paged_attention(query, kv_cache, block_table, context_lens, query_start_loc, window_key,
+                         window_value, window_start_loc, window_mask, scale: float,
+                         out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Tree-masked paged attention; arguments as in `kernels.tree_attention.tree_paged_attention`."""
+    args = (query, kv_cache, block_table, context_lens, query_start_loc, window_key, window_value,
+            window_start_loc, window_mask, scale, out)
+    if query.is_cuda:
+        from kernels.tree_attention import tree_paged_attention as triton_impl
+        return triton_impl(*args)
+    return tree_paged_attention_ref(*args)
+
+
+def compact_kv(kv_caches: Sequence[torch.Tensor], block_table, src_positions, dst_positions,
+               move_start_loc) -> None:
+    """KV compaction for all layers; arguments as in `kernels.kv_compact.kv_compact`."""
+    args = (kv_caches, block_table, src_positions, dst_positions, move_start_loc)
+    if kv_caches and kv_caches[0].is_cuda:
+        from kernels.kv_compact import kv_compact as triton_impl
+        return triton_impl(*args)
+    return kv_compact_ref(*args)

@@ -1,0 +1,20 @@
+"""Shared fixtures: the prepared default model folder and one fp32 reference engine per session."""
+from __future__ import annotations
+
+import pytest
+
+MT_BENCH = "/work/shared/data/mt_bench_question.jsonl"
+
+
+@pytest.fixture(scope="session")
+def model_dir():
+    from vllm_ht.models import prepare_default_model
+
+    return prepare_default_model(progress=False)  # idempotent: returns the cached folder
+
+
+@pytest.fixture(scope="session")
+def engine(model_dir):
+    from vllm_ht.reference.engine import ReferenceEngine
+
+    return ReferenceEngine(model_dir, dtype="fp32", num_nodes=16, max_len=1024)

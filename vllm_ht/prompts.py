@@ -1,0 +1,27 @@
+"""Prompt files: MT-bench style `{"turns": [t1, ...]}` (first turn used) or `{"prompt": text}` jsonl."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def load_prompts(path: str | Path, limit: int | None = None) -> list[str]:
+    out: list[str] = []
+    for lineno, line in enumerate(Path(path).read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{lineno}: not JSON ({e})") from e
+        if isinstance(row, dict) and isinstance(row.get("prompt"), str):
+            out.append(row["prompt"])
+        elif isinstance(row, dict) and isinstance(row.get("turns"), list) and row["turns"]:
+            out.append(str(row["turns"][0]))
+        else:
+            raise ValueError(f'{path}:{lineno}: expected {{"prompt": ...}} or {{"turns": [...]}}')
+        if limit is not None and len(out) >= limit:
+            break
+    if not out:
+        raise ValueError(f"{path} holds no prompts")
+    return out
