@@ -1,9 +1,11 @@
 """Shared fixtures: the prepared default model folder and one fp32 reference engine per session."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
-MT_BENCH = "/work/shared/data/mt_bench_question.jsonl"
+MT_BENCH = Path(__file__).resolve().parents[1] / "data" / "mt_bench_question.jsonl"
 
 
 @pytest.fixture(scope="session")
@@ -18,3 +20,10 @@ def engine(model_dir):
     from vllm_ht.reference.engine import ReferenceEngine
 
     return ReferenceEngine(model_dir, dtype="fp32", num_nodes=16, max_len=1024)
+
+
+@pytest.fixture(scope="session")
+def mt_bench_prompts():
+    from vllm_ht.prompts import load_prompts
+
+    return load_prompts(MT_BENCH)
