@@ -8,9 +8,11 @@ STAMP  := $(VENV)/.installed
 HOST   ?= 127.0.0.1
 PORT   ?= 8000
 DTYPE  ?= bfloat16
-# vLLM's CPU build: use both cores for the worker, keep internal traffic on loopback
+# vLLM's CPU build: use both cores for the worker, keep internal traffic on loopback, fixed KV
+# space (GiB); see vllm_ht/vllm/env.py
 export VLLM_CPU_NUM_OF_RESERVED_CPU ?= 0
 export VLLM_HOST_IP ?= 127.0.0.1
+export VLLM_CPU_KVCACHE_SPACE ?= 2
 
 .PHONY: install model test serve bench clean
 

