@@ -9,9 +9,10 @@ Entry points the engine calls (they dispatch on the tensors' device):
 
 Triton is imported lazily, only for CUDA tensors or when a Triton submodule is imported, so the
 CPU path needs no Triton at all. On a machine without CUDA the Triton submodules still import and
-run, in Triton's interpreter, without touching the process environment (`kernels._triton`).
+run, in Triton's interpreter: importing one sets TRITON_INTERPRET=1 unless triton is already
+loaded (see `kernels._triton`); `import kernels` alone leaves the environment alone.
 """
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -19,14 +20,19 @@ from kernels.reference import kv_compact_ref, tree_paged_attention_ref
 from kernels.window_mask import num_mask_words, pack_window_mask, unpack_window_mask
 
 __all__ = [
-    "tree_paged_attention", "compact_kv", "tree_paged_attention_ref", "kv_compact_ref",
-    "pack_window_mask", "unpack_window_mask", "num_mask_words",
+    "compact_kv",
+    "kv_compact_ref",
+    "num_mask_words",
+    "pack_window_mask",
+    "tree_paged_attention",
+    "tree_paged_attention_ref",
+    "unpack_window_mask",
 ]
 
 
 def tree_paged_attention(query, kv_cache, block_table, context_lens, query_start_loc, window_key,
                          window_value, window_start_loc, window_mask, scale: float,
-                         out: Optional[torch.Tensor] = None) -> torch.Tensor:
+                         out: torch.Tensor | None = None) -> torch.Tensor:
     """Tree-masked paged attention; arguments as in `kernels.tree_attention.tree_paged_attention`."""
     args = (query, kv_cache, block_table, context_lens, query_start_loc, window_key, window_value,
             window_start_loc, window_mask, scale, out)

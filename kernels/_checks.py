@@ -4,8 +4,8 @@ Structural checks (rank, shape, dtype, device, strides) always run. Checks of in
 (monotone start locations, block ids in range, ...) run only when the index tensors are on the CPU:
 on a GPU they would cost a device sync on every call.
 """
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 

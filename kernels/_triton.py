@@ -1,39 +1,41 @@
-"""How this package compiles Triton kernels: natively on a GPU, interpreted on a CPU-only machine.
+"""Triton for this package: native on a CUDA machine, the interpreter on a CPU-only one.
 
-`jit` replaces `triton.jit` for every kernel in `kernels/`. With a GPU driver it *is* `triton.jit`.
-Without one (no CUDA, `TRITON_INTERPRET` unset) it decorates the kernel with Triton's interpreter
-switched on for that one decoration, so `from kernels import tree_attention` and launching its
-kernels on CPU tensors work in any process, whatever imported triton first.
+The Triton kernel modules import `triton` and `tl` from here, never directly, so this runs first:
+on a machine without CUDA, if `TRITON_INTERPRET` is unset and triton is not imported yet, it sets
+`TRITON_INTERPRET=1` and then imports triton. Kernels then run on CPU tensors in Triton's
+interpreter (slow, for tests). Triton reads the switch when `triton.language` is imported (its
+own helpers such as `tl.max` are `@jit` functions), so it cannot be turned on afterwards: if
+triton was already imported without it on a CPU-only machine, importing a kernel module raises.
+Fix that by setting `TRITON_INTERPRET=1` before the process imports triton (e.g. in a conftest).
 
-NOTE: we deliberately do not set `TRITON_INTERPRET=1` in `os.environ`. Triton reads the knob when a
-kernel is *decorated*, so scoping it to our decorations is enough, and a process-wide switch would
-also turn every other library's Triton kernels (vLLM's) into the ~1000x slower interpreter.
+NOTE: the switch is process-wide, so it is flipped only when a Triton kernel module is imported.
+`import kernels` and the CPU path (`kernels.reference`) never import triton, so a vLLM CPU
+worker that uses the torch reference keeps its own Triton settings.
 """
 import logging
+import os
+import sys
 
 import torch
-import triton
-from triton import knobs
 
 logger = logging.getLogger(__name__)
 
-# Decided once at import: a GPU driver appearing later in the process is not supported.
-_NEEDS_INTERPRETER = not torch.cuda.is_available() and not knobs.runtime.interpret
+if "triton" not in sys.modules and not torch.cuda.is_available() and "TRITON_INTERPRET" not in os.environ:
+    os.environ["TRITON_INTERPRET"] = "1"
+    logger.info("no CUDA device: set TRITON_INTERPRET=1, Triton kernels run in the interpreter")
+
+import triton
+import triton.language as tl
+from triton import knobs
+
+if not torch.cuda.is_available() and not knobs.runtime.interpret:
+    raise ImportError(
+        "triton was imported without TRITON_INTERPRET=1 on a machine without CUDA, so the kernels in "
+        f"{__package__} cannot run; set TRITON_INTERPRET=1 before anything imports triton")
+
+__all__ = ["interpreting", "tl", "triton"]
 
 
 def interpreting() -> bool:
-    """True when this package's kernels run in Triton's interpreter (on CPU tensors)."""
-    return _NEEDS_INTERPRETER or bool(knobs.runtime.interpret)
-
-
-def jit(fn):
-    """`triton.jit`, interpreted when the machine has no GPU (see module docstring)."""
-    if not _NEEDS_INTERPRETER:
-        return triton.jit(fn)
-    with knobs.runtime.scope():
-        knobs.runtime.interpret = True
-        return triton.jit(fn)
-
-
-if _NEEDS_INTERPRETER:
-    logger.debug("no CUDA device: kernels in %s run in the Triton interpreter", __package__)
+    """True when kernels run in Triton's interpreter (on CPU tensors)."""
+    return bool(knobs.runtime.interpret)

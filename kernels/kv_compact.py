@@ -15,20 +15,19 @@ All layers in one launch: when the per-layer caches are equally spaced views of 
 (vLLM allocates them that way), the kernel walks a strided "stacked" view (layer stride = the
 spacing); otherwise it reads each layer's base address from a small int64 pointer table.
 """
+import itertools
 import logging
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
-import triton
-import triton.language as tl
 
 from kernels._checks import check_kv_compact_args
-from kernels._triton import jit
+from kernels._triton import tl, triton
 
 logger = logging.getLogger(__name__)
 
 
-@jit
+@triton.jit
 def _kv_compact_kernel(
     KV,        # layer 0: [num_blocks, num_kv_heads, BLOCK_SIZE, ROW]
     PTRS,      # [num_layers] int64 base addresses (read only when USE_PTRS)
@@ -71,7 +70,7 @@ def _layer_stride(kv_caches: Sequence[torch.Tensor]) -> int | None:
     gap = kv_caches[1].data_ptr() - first.data_ptr()
     if gap <= 0 or gap % first.element_size():
         return None
-    if any(b.data_ptr() - a.data_ptr() != gap for a, b in zip(kv_caches, kv_caches[1:])):
+    if any(b.data_ptr() - a.data_ptr() != gap for a, b in itertools.pairwise(kv_caches)):
         return None
     return gap // first.element_size()
 

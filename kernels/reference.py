@@ -5,7 +5,7 @@ Same signatures and semantics as `kernels.tree_attention.tree_paged_attention` a
 Vectorised per sequence: one Python iteration per sequence, none per row or per layer-head.
 Math runs in fp32 whatever the input dtype; the result is cast back to the query dtype.
 """
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -24,7 +24,7 @@ def tree_paged_attention_ref(
     window_start_loc: torch.Tensor,  # [num_seqs+1] int32
     window_mask: torch.Tensor,       # [num_rows, num_words] int32 bitmask
     scale: float,
-    out: Optional[torch.Tensor] = None,  # [num_rows, num_heads, head_dim]
+    out: torch.Tensor | None = None,  # [num_rows, num_heads, head_dim]
 ) -> torch.Tensor:
     """Torch version of `tree_paged_attention` (same arguments, same result)."""
     dims = check_tree_attention_args(query, kv_cache, block_table, context_lens, query_start_loc,
@@ -45,15 +45,18 @@ def tree_paged_attention_ref(
         context = context[:, :ctx]                                           # [Hkv, ctx, 2D]
         keys = torch.cat([context[..., :head_dim], window_key[w0:w1].transpose(0, 1)], 1)    # [Hkv, L, D]
         values = torch.cat([context[..., head_dim:], window_value[w0:w1].transpose(0, 1)], 1)
-        visible = torch.cat([torch.ones(n, ctx, dtype=torch.bool, device=query.device),
-                             unpack_window_mask(window_mask[r0:r1], w1 - w0)], 1)           # [n, L]
-        q = query[r0:r1].float().view(n, kv_heads, group, head_dim).permute(1, 2, 0, 3)      # [Hkv, G, n, D]
-        scores = torch.matmul(q, keys.float().unsqueeze(1).transpose(-1, -2)) * scale        # [Hkv, G, n, L]
-        probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
-        # A row that sees no key at all (ctx 0, no window bit) gets zeros instead of softmax's NaN.
-        probs = torch.where(visible.any(-1)[:, None], probs, 0.0)
-        o = torch.matmul(probs, values.float().unsqueeze(1))                                  # [Hkv, G, n, D]
-        out[r0:r1] = o.permute(2, 0, 1, 3).reshape(n, dims.num_heads, head_dim).to(out.dtype)
+        window_visible = unpack_window_mask(window_mask[r0:r1], w1 - w0)                    # [n, W]
+        # GROUP query heads share a KV head: fold them into the row axis so each product is one bmm.
+        q = (query[r0:r1].float() * scale).view(n, kv_heads, group, head_dim).permute(1, 2, 0, 3)
+        scores = torch.bmm(q.reshape(kv_heads, group * n, head_dim), keys.float().transpose(1, 2))
+        scores = scores.view(kv_heads, group, n, ctx + w1 - w0)                               # [Hkv, G, n, L]
+        scores[..., ctx:].masked_fill_(~window_visible, float("-inf"))   # the context is all visible
+        probs = torch.softmax(scores, dim=-1)
+        if ctx == 0:   # a row that sees no key at all gets zeros instead of softmax's NaN
+            probs = torch.where(window_visible.any(-1)[:, None], probs, 0.0)
+        o = torch.bmm(probs.view(kv_heads, group * n, -1), values.float())                    # [Hkv, G*n, D]
+        out[r0:r1] = o.view(kv_heads, group, n, head_dim).permute(2, 0, 1, 3).reshape(
+            n, dims.num_heads, head_dim).to(out.dtype)
     return out
 
 

@@ -7,28 +7,25 @@ Online softmax as in Triton's fused-attention tutorial (06-fused-attention.py) a
 long contexts split across programs and merged by log-sum-exp as in flash-decoding.
 Glossary and the bitmask layout: `kernels.window_mask`. Torch twin: `kernels.reference`.
 
-Program layout: axis 0 = a q-block, BLOCK_Q rows of one sequence times the GROUP query heads that
-share one KV head (BLOCK_M = BLOCK_Q * GROUP padded to a power of two, as in vLLM's
-unified_attention, so each K/V tile is loaded once per GROUP heads); axis 1 = KV head;
-axis 2 = context split.
+Program layout: axis 0 = a q-block: BLOCK_Q = BLOCK_M // GROUP rows of one sequence times the
+GROUP query heads that share one KV head, so each K/V tile is loaded once for all of them (as in
+vLLM's unified_attention; the grid needs no device sync); axis 1 = KV head; axis 2 = context split.
 """
+import functools
 import logging
-from typing import Optional
 
 import torch
-import triton
-import triton.language as tl
 
 from kernels._checks import check_tree_attention_args
-from kernels._triton import interpreting, jit
+from kernels._triton import interpreting, tl, triton
 
 logger = logging.getLogger(__name__)
 
 
-@jit
+@triton.jit
 def _find_seq(QSL, num_seqs, pid_q, BLOCK_Q: tl.constexpr):
     """Sequence b whose q-blocks [qsl[b] // BLOCK_Q + b, qsl[b+1] // BLOCK_Q + b + 1) hold pid_q."""
-    left = 0
+    left: tl.int32 = 0
     right = num_seqs
     while left < right:
         mid = (left + right) // 2
@@ -39,7 +36,7 @@ def _find_seq(QSL, num_seqs, pid_q, BLOCK_Q: tl.constexpr):
     return left - 1
 
 
-@jit
+@triton.jit
 def _attend_tile(acc, l_i, m_i, q, k, v, visible, qk_scale, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     """One online-softmax step over a key tile: k [HEAD_DIM, BLOCK_N], v [BLOCK_N, HEAD_DIM]."""
     if UPCAST:
@@ -56,10 +53,11 @@ def _attend_tile(acc, l_i, m_i, q, k, v, visible, qk_scale, UPCAST: tl.constexpr
     return acc, l_i, m_ij
 
 
-@jit
+@triton.jit
 def _tree_attn_fwd(
     Q, KV, BT, CTX, QSL, WK, WV, WSL, WMASK,   # inputs, shapes as in `tree_paged_attention`
-    O,       # NUM_SPLITS == 1: out [num_rows, num_heads, HEAD_DIM]; else fp32 [NUM_SPLITS, num_rows, num_heads, HEAD_DIM]
+    O,       # NUM_SPLITS == 1: out [num_rows, num_heads, HEAD_DIM]
+             # else fp32 scratch [NUM_SPLITS, num_rows, num_heads, HEAD_DIM]
     LSE,     # fp32 [NUM_SPLITS, num_rows, num_heads] log2-sum-exp per split (unused when NUM_SPLITS == 1)
     qk_scale, num_seqs, num_words,
     stride_qr, stride_qh,
@@ -143,7 +141,7 @@ def _tree_attn_fwd(
         tl.store(LSE + split * stride_ls + row * stride_lr + head, lse, mask=m_valid)
 
 
-@jit
+@triton.jit
 def _combine_splits(
     PART,    # fp32 [NUM_SPLITS, num_rows, num_heads, HEAD_DIM] per-split normalised outputs
     LSE,     # fp32 [NUM_SPLITS, num_rows, num_heads]
@@ -169,20 +167,26 @@ def _combine_splits(
     tl.store(O + row * stride_or + head * stride_oh + offs_d, o.to(O.dtype.element_ty))
 
 
-def _launch_config(head_dim: int, group: int, num_rows: int, num_seqs: int) -> tuple[int, int]:
+def _launch_config(group: int, num_rows: int, num_seqs: int, fp32: bool) -> tuple[int, int]:
     """(BLOCK_M, BLOCK_N). The interpreter pays per program x iteration, so it gets big tiles."""
     if interpreting():
         return max(64, triton.next_power_of_2(group)), 128
     rows_per_seq = max(1, num_rows // max(1, num_seqs))
     block_m = min(64, max(16, triton.next_power_of_2(rows_per_seq * group)))
-    return max(block_m, triton.next_power_of_2(group)), 64
+    # NOTE: with num_stages=2, K and V tiles of 64 x 128 fp32 would need 128 KiB of shared memory.
+    return max(block_m, triton.next_power_of_2(group)), 32 if fp32 else 64
+
+
+@functools.cache
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 def _default_splits(num_programs: int, device: torch.device) -> int:
     """Enough context splits to put ~2 programs on every SM (flash-decoding); 1 in the interpreter."""
     if interpreting() or device.type != "cuda":
         return 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    sms = _num_sms(device.index if device.index is not None else torch.cuda.current_device())
     return max(1, min(16, (2 * sms) // max(1, num_programs)))
 
 
@@ -197,9 +201,9 @@ def tree_paged_attention(
     window_start_loc: torch.Tensor,  # [num_seqs+1] int32  window keys of b: window_key[wsl[b]:wsl[b+1]]
     window_mask: torch.Tensor,       # [num_rows, ceil(max_window_per_seq/32)] int32  bit j: row sees wsl[b]+j
     scale: float,
-    out: Optional[torch.Tensor] = None,  # [num_rows, num_heads, head_dim]  written in place if given
+    out: torch.Tensor | None = None,  # [num_rows, num_heads, head_dim]  written in place if given
     *,
-    num_splits: Optional[int] = None,    # context splits (flash-decoding); None = fill the GPU
+    num_splits: int | None = None,    # context splits (flash-decoding); None = fill the GPU
 ) -> torch.Tensor:
     """softmax(scale * q k^T) v per row over its visible keys; fp32 accumulation; returns `out`.
 
@@ -223,10 +227,12 @@ def tree_paged_attention(
         out = torch.zeros_like(query)
     if dims.num_rows == 0 or dims.num_seqs == 0:
         return out
-    block_m, block_n = _launch_config(head_dim, group, dims.num_rows, dims.num_seqs)
+    block_m, block_n = _launch_config(group, dims.num_rows, dims.num_seqs, query.dtype == torch.float32)
     block_q = block_m // group
     q_programs = dims.num_rows // block_q + dims.num_seqs   # upper bound, needs no device sync
     splits = num_splits or _default_splits(q_programs * dims.num_kv_heads, query.device)
+    # NOTE: UPCAST converts tiles to fp32 after loading and runs the dots in IEEE fp32 (no TF32):
+    # always for fp32 inputs, and for bf16 in the interpreter, whose bf16 tl.dot is broken.
     upcast = query.dtype == torch.float32 or (query.dtype == torch.bfloat16 and interpreting())
     if splits == 1:
         target, lse = out, out   # LSE is never touched with one split
@@ -249,6 +255,7 @@ def tree_paged_attention(
         GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=dims.block_size,
         BLOCK_M=block_m, BLOCK_Q=block_q, BLOCK_N=block_n,
         NUM_SPLITS=splits, UPCAST=upcast, PRECISION="ieee" if upcast else "tf32",
+        num_warps=4, num_stages=2,
     )
     if splits > 1:
         _combine_splits[(dims.num_rows, dims.num_heads)](

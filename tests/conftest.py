@@ -1,9 +1,16 @@
 """Shared fixtures: the prepared default model folder and one fp32 reference engine per session."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+import torch
+
+# Triton picks interpreter mode when triton.language is first imported: on a machine without
+# CUDA, make sure whatever imports it first (kernels, vLLM) gets the interpreter.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 MT_BENCH = Path(__file__).resolve().parents[1] / "data" / "mt_bench_question.jsonl"
 

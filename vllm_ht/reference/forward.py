@@ -16,9 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
+from ..backbone import Backbone
 from ..config import HiddenTransferConfig
 from ..projections import TransferProjections
 from .cache import KVCache
@@ -44,16 +43,8 @@ class HTForward:
 
     def __init__(self, model: torch.nn.Module, projections: TransferProjections | None,
                  config: HiddenTransferConfig):
-        self.model, self.projections, self.config = model, projections, config
-        inner = model.model
-        self.layers, self.embed, self.norm, self.rotary = inner.layers, inner.embed_tokens, inner.norm, inner.rotary_emb
-        self.lm_head = model.lm_head
-        attn = self.layers[0].self_attn
-        self.head_dim, self.scaling = attn.head_dim, attn.scaling
-
-    def logits(self, normed: torch.Tensor) -> torch.Tensor:
-        """Final-normed states [..., d] -> fp32 logits [..., V]."""
-        return self.lm_head(normed).float()
+        self.bb, self.projections, self.config = Backbone(model), projections, config
+        self.logits = self.bb.logits
 
     @torch.inference_mode()
     def __call__(self, step: StepInput, cache: KVCache) -> StepOutput:
@@ -61,15 +52,15 @@ class HTForward:
         num_real, device = step.tokens.shape[0], step.tokens.device
         cache.check_room(num_real)
         anchors = step.anchors.to(device)
-        x = self.embed(step.tokens)                                   # [R, d]
+        x = self.bb.embed(step.tokens)                                   # [R, d]
         pos_real = step.positions.to(device)
         # pseudo rows are appended as their steps join: (anchor index into `anchors`, step s)
         p_anchor = torch.empty(0, dtype=torch.long, device=device)    # [Q]
         p_step = torch.empty(0, dtype=torch.long, device=device)      # [Q]
         join = {} if anchors.numel() == 0 else self._joins()
         mask = self._mask(step.window_mask.to(device), anchors, p_anchor, p_step, cache.length)
-        cos, sin = self.rotary(x[None], pos_real[None])
-        for j, layer in enumerate(self.layers):
+        cos, sin = self.bb.rope(x[None], pos_real[None])
+        for j in range(self.bb.num_layers):
             if j in join:  # steps whose transfer layer is j: h^j is x now
                 a_idx = torch.arange(anchors.numel(), device=device)
                 for s in join[j]:
@@ -77,14 +68,14 @@ class HTForward:
                     p_anchor = torch.cat([p_anchor, a_idx])
                     p_step = torch.cat([p_step, torch.full_like(a_idx, s)])
                 pos = torch.cat([pos_real, pos_real[anchors[p_anchor]] + p_step + 1])
-                cos, sin = self.rotary(x[None], pos[None])
+                cos, sin = self.bb.rope(x[None], pos[None])
                 mask = self._mask(step.window_mask.to(device), anchors, p_anchor, p_step, cache.length)
-            x = self._layer(layer, j, x, cos, sin, mask, cache, num_real)
+            x = self._layer(j, x, cos, sin, mask, cache, num_real)
         rows = step.logit_rows if step.logit_rows is not None else torch.arange(num_real, device=device)
-        real_logits = self.logits(self.norm(x[rows.to(device)]))
+        real_logits = self.logits(self.bb.norm(x[rows.to(device)]))
         pseudo = torch.zeros(anchors.numel(), k_steps, x.shape[-1], dtype=x.dtype, device=device)
         if p_anchor.numel():
-            pseudo[p_anchor, p_step] = self.norm(x[num_real:])
+            pseudo[p_anchor, p_step] = self.bb.norm(x[num_real:])
         return StepOutput(real_logits=real_logits, pseudo_hidden=pseudo)
 
     def _joins(self) -> dict[int, list[int]]:
@@ -110,20 +101,11 @@ class HTForward:
             m[num_real:, num_cached + num_real :] = same_group & earlier
         return m
 
-    def _layer(self, layer, j: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+    def _layer(self, j: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                mask: torch.Tensor, cache: KVCache, num_real: int) -> torch.Tensor:
-        h = layer.input_layernorm(x)
-        attn = layer.self_attn
-        t = x.shape[0]
-        q = attn.q_proj(h).view(1, t, -1, self.head_dim).transpose(1, 2)  # [1, H, T, hd]
-        k = attn.k_proj(h).view(1, t, -1, self.head_dim).transpose(1, 2)  # [1, Hkv, T, hd]
-        v = attn.v_proj(h).view(1, t, -1, self.head_dim).transpose(1, 2)  # [1, Hkv, T, hd]
-        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        q, k, v = self.bb.qkv(j, x[None], cos, sin)          # [1, H, T, hd], [1, Hkv, T, hd] x2
         cache.write(j, k[0, :, :num_real], v[0, :, :num_real])
-        ck, cv = cache.view(j, num_real)                                    # [Hkv, n+R, hd]
-        keys = torch.cat([ck, k[0, :, num_real:]], dim=1)[None]             # [1, Hkv, n+T, hd]
+        ck, cv = cache.view(j, num_real)                      # [Hkv, n+R, hd]
+        keys = torch.cat([ck, k[0, :, num_real:]], dim=1)[None]   # [1, Hkv, n+T, hd]
         vals = torch.cat([cv, v[0, :, num_real:]], dim=1)[None]
-        o = F.scaled_dot_product_attention(q, keys, vals, attn_mask=mask, scale=self.scaling,
-                                           enable_gqa=True)                 # [1, H, T, hd]
-        x = x + attn.o_proj(o.transpose(1, 2).reshape(t, -1))
-        return x + layer.mlp(layer.post_attention_layernorm(x))
+        return self.bb.finish(j, x, self.bb.attend(q, keys, vals, mask)[0])

@@ -1,0 +1,114 @@
+"""Training on a tiny random Llama: loss masking, the pseudo mask, resume == uninterrupted."""
+import json
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from vllm_ht.backbone import Backbone
+from vllm_ht.config import HiddenTransferConfig
+from vllm_ht.projections import TransferProjections
+from vllm_ht.training.data import Batch, batch_for_step, load_sequences, sample_anchors
+from vllm_ht.training.loss import distill_loss
+from vllm_ht.training.passes import _pseudo_mask, pseudo_pass, real_pass, targets_valid
+from vllm_ht.training.train import TrainConfig, Trainer
+
+T, F = True, False
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    cfg.architectures = ["LlamaForCausalLM"]
+    return LlamaForCausalLM(cfg).eval().requires_grad_(False)
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "train.jsonl"
+    g = torch.Generator().manual_seed(1)
+    with open(path, "w") as f:
+        for i in range(12):
+            n_p, n_r = 3 + i % 4, 10 + (i * 7) % 13
+            ids = torch.randint(3, 96, (n_p + n_r,), generator=g).tolist()
+            f.write(json.dumps({"id": i, "prompt": "p", "prompt_ids": ids[:n_p], "response_ids": ids[n_p:]}) + "\n")
+    return path
+
+
+def test_targets_valid_by_hand():
+    v = targets_valid(torch.tensor([[3, 4, 5]]), torch.tensor([7]), 2)
+    assert v.tolist() == [[[T, T], [T, F], [F, F]]]
+
+
+def test_pseudo_mask_by_hand():
+    # T=4 real tokens; anchors 1 and 2; steps 0, 1 -> rows (1,0), (2,0), (1,1), (2,1)
+    m = _pseudo_mask(torch.tensor([[1, 2, 1, 2]]), torch.tensor([0, 0, 1, 1]), 4)[0, 0]
+    #                real 0  1  2  3 | (1,0) (2,0) (1,1) (2,1)
+    assert m.tolist() == [[T, T, F, F, T, F, F, F],
+                          [T, T, T, F, F, T, F, F],
+                          [T, T, F, F, T, F, T, F],
+                          [T, T, T, F, F, T, F, T]]
+
+
+def test_invalid_rows_contribute_nothing(tiny_model):
+    bb = Backbone(tiny_model)
+    draft = torch.randn(1, 3, 2, 32, requires_grad=True)
+    teacher = torch.randn(1, 3, 2, 32)
+    valid = torch.tensor([[[T, T], [T, F], [F, F]]])
+    out = distill_loss(bb, draft, teacher, valid)
+    out.loss.backward()
+    assert out.counts == [2, 1]
+    assert (draft.grad[~valid] == 0).all() and (draft.grad[valid].abs().sum(-1) > 0).all()
+    poisoned = draft.detach().clone()
+    poisoned[~valid] = 1e4
+    assert torch.equal(distill_loss(bb, poisoned, teacher, valid).loss, out.loss.detach())
+
+
+def test_pseudo_pass_matches_inference_forward(tiny_model):
+    """A training pseudo row equals the reference engine's pseudo row for the same anchor."""
+    from vllm_ht.reference.cache import KVCache
+    from vllm_ht.reference.forward import HTForward, StepInput
+
+    cfg = HiddenTransferConfig.for_model(tiny_model.config, num_steps=2, transfer_layers=[1, 2])
+    proj = TransferProjections(cfg)
+    with torch.no_grad():
+        proj.weight.add_(torch.randn(proj.weight.shape, generator=torch.Generator().manual_seed(2)) * 0.1)
+    ids = torch.randint(3, 96, (1, 9), generator=torch.Generator().manual_seed(3))
+    bb = Backbone(tiny_model)
+    with torch.no_grad():
+        train_out = pseudo_pass(bb, proj, cfg, real_pass(bb, ids, cfg), torch.tensor([[4, 6]]))
+    fwd, cache = HTForward(tiny_model, proj, cfg), KVCache(4, 2, 8, 64, torch.float32)
+    infer = fwd(StepInput(ids[0], torch.arange(9), torch.ones(9, 9, dtype=torch.bool).tril(),
+                          torch.tensor([4, 6])), cache)
+    torch.testing.assert_close(train_out[0], infer.pseudo_hidden, atol=1e-5, rtol=1e-5)
+
+
+def test_batches_and_anchors_are_reproducible(tiny_data):
+    seqs = load_sequences(tiny_data, max_len=64)
+    a, b = batch_for_step(seqs, 5, 4, seed=3), batch_for_step(seqs, 5, 4, seed=3)
+    assert torch.equal(a.ids, b.ids)
+    anch = sample_anchors(a, 6, 2, torch.Generator().manual_seed(0))
+    assert (anch >= (a.prompt_lens - 1)[:, None]).all() and (anch + 2 <= a.lengths[:, None] - 1).all()
+
+
+def _trainer(tiny_model, tiny_data, out, steps):
+    cfg = TrainConfig(model="tiny", data=str(tiny_data), out=str(out), num_steps=2, transfer_layers=[2, 2],
+                      steps=steps, batch_size=4, anchors=5, max_len=64, warmup=2, save_every=2, medusa=True)
+    return Trainer(cfg, model=tiny_model)
+
+
+def test_resume_equals_uninterrupted(tiny_model, tiny_data, tmp_path):
+    full = _trainer(tiny_model, tiny_data, tmp_path / "full", 4)
+    full.run(progress=False)
+    part = _trainer(tiny_model, tiny_data, tmp_path / "part", 4)
+    part.cfg.steps = 2               # stop early (as if killed after the step-2 save) ...
+    part.run(progress=False)
+    resumed = _trainer(tiny_model, tiny_data, tmp_path / "part", 4)  # ... and start again
+    resumed.run(progress=False)
+    assert resumed.step == 4
+    assert torch.equal(resumed.projections.weight, full.projections.weight)
+    assert torch.equal(resumed.medusa.weight, full.medusa.weight)
+    assert not torch.equal(full.projections.weight, TransferProjections(full.ht_config).weight)  # it learned
+    assert (tmp_path / "full" / "config.json").is_file() and (tmp_path / "full" / "projections.safetensors").is_file()

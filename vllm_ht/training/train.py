@@ -1,0 +1,167 @@
+"""`vllm-ht train`: fit the transfer projections on a frozen backbone (DESIGN §1 training).
+
+Per step: one real pass under no_grad, then the pseudo rows of sampled anchors with grad, loss
+KL(p_real(. | x_<=i+s+1) || q_pseudo(i, s)). AdamW, linear warmup, cosine decay. Optionally a
+Medusa-1 baseline trains in the same loop on the same batches (its heads read the real pass's
+last hidden states, so it adds almost nothing to the cost).
+
+Resume: `state.pt` in the output folder holds the step, the projections, the optimiser and the
+scheduler; batches and anchors depend only on (seed, step), so a resumed run equals an
+uninterrupted one.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+from transformers import AutoModelForCausalLM
+
+from ..backbone import Backbone
+from ..checkpoint import save_checkpoint
+from ..config import HiddenTransferConfig
+from ..projections import TransferProjections
+from .data import batch_for_step, load_sequences, sample_anchors
+from .loss import distill_loss
+from .medusa import MedusaHeads
+from .passes import pseudo_pass, real_pass, targets_valid
+
+log = logging.getLogger(__name__)
+STATE_FILE = "state.pt"
+MEDUSA_FILE = "medusa.safetensors"
+
+
+@dataclass
+class TrainConfig:
+    model: str
+    data: str
+    out: str
+    num_steps: int = 3                       # k
+    transfer_layers: list[int] | None = None  # None -> the middle layer
+    bias: bool = False
+    steps: int = 2000
+    batch_size: int = 8
+    anchors: int = 64                        # sampled anchors per sequence per step
+    max_len: int = 384
+    lr: float = 2e-3
+    warmup: int = 50
+    weight_decay: float = 0.0
+    step_weights: list[float] | None = None
+    medusa: bool = False
+    save_every: int = 100
+    seed: int = 0
+    threads: int | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def lr_factor(step: int, warmup: int, total: int, floor: float = 0.1) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min((step - warmup) / max(total - warmup, 1), 1.0)
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, model: torch.nn.Module | None = None):
+        self.cfg = cfg
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        self.model = model if model is not None else AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.float32)
+        self.model.eval().requires_grad_(False)
+        self.bb = Backbone(self.model)
+        self.ht_config = HiddenTransferConfig.for_model(
+            self.model.config, base_model=Path(cfg.model).name, num_steps=cfg.num_steps,
+            transfer_layers=cfg.transfer_layers, bias=cfg.bias)
+        self.projections = TransferProjections(self.ht_config)
+        self.medusa = MedusaHeads(cfg.num_steps, self.ht_config.hidden_size) if cfg.medusa else None
+        params = list(self.projections.parameters()) + (list(self.medusa.parameters()) if self.medusa else [])
+        self.opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(
+            self.opt, lambda s: lr_factor(s, cfg.warmup, cfg.steps))
+        self.step = 0
+        self.seqs = load_sequences(cfg.data, cfg.max_len)
+        self.out = Path(cfg.out)
+
+    # ---- one step --------------------------------------------------------------------------
+    def train_step(self) -> dict:
+        cfg, k = self.cfg, self.cfg.num_steps
+        batch = batch_for_step(self.seqs, self.step, cfg.batch_size, cfg.seed)
+        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.step)
+        anchors = sample_anchors(batch, cfg.anchors, k, gen)                     # [B, A]
+        real = real_pass(self.bb, batch.ids, self.ht_config)
+        valid = targets_valid(anchors, batch.lengths, k)                          # [B, A, k]
+        t = batch.ids.shape[1]
+        tpos = (anchors[:, :, None] + torch.arange(k) + 1).clamp(max=t - 1)        # teacher rows
+        teacher = real.final[torch.arange(anchors.shape[0])[:, None, None], tpos]  # [B, A, k, d]
+        draft = pseudo_pass(self.bb, self.projections, self.ht_config, real, anchors)
+        out = distill_loss(self.bb, draft, teacher, valid, cfg.step_weights)
+        total = out.loss
+        stats = {"loss": float(out.loss.detach()), **{f"top1_{s + 1}": a for s, a in enumerate(out.top1)}}
+        if self.medusa is not None:
+            h_last = real.final[torch.arange(anchors.shape[0])[:, None], anchors]  # [B, A, d]
+            m = distill_loss(self.bb, self.medusa(h_last), teacher, valid, cfg.step_weights)
+            total = total + m.loss
+            stats.update({"medusa_loss": float(m.loss.detach()), **{f"medusa_top1_{s + 1}": a for s, a in enumerate(m.top1)}})
+        self.opt.zero_grad(set_to_none=True)
+        total.backward()
+        self.opt.step()
+        self.sched.step()
+        self.step += 1
+        return stats
+
+    # ---- persistence -----------------------------------------------------------------------
+    def save_state(self) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        state = {"step": self.step, "projections": self.projections.state_dict(), "opt": self.opt.state_dict(),
+                 "sched": self.sched.state_dict(), "cfg": asdict(self.cfg),
+                 "medusa": self.medusa.state_dict() if self.medusa else None}
+        tmp = self.out / (STATE_FILE + ".tmp")
+        torch.save(state, tmp)
+        tmp.replace(self.out / STATE_FILE)
+
+    def load_state(self) -> bool:
+        path = self.out / STATE_FILE
+        if not path.is_file():
+            return False
+        state = torch.load(path, weights_only=False)
+        self.step = state["step"]
+        self.projections.load_state_dict(state["projections"])
+        self.opt.load_state_dict(state["opt"])
+        self.sched.load_state_dict(state["sched"])
+        if self.medusa is not None and state.get("medusa"):
+            self.medusa.load_state_dict(state["medusa"])
+        return True
+
+    def export(self, provenance: dict) -> Path:
+        """Write the checkpoint folder (config.json + projections.safetensors [+ medusa])."""
+        self.ht_config.provenance = provenance
+        save_checkpoint(self.out, self.ht_config, self.projections)
+        if self.medusa is not None:
+            self.medusa.save(str(self.out / MEDUSA_FILE))
+        return self.out
+
+    def run(self, progress: bool = True, resume: bool = True) -> Path:
+        if resume and self.load_state():
+            log.info("resumed at step %d from %s", self.step, self.out / STATE_FILE)
+        start, t0 = self.step, time.perf_counter()
+        bar = tqdm(total=self.cfg.steps, initial=self.step, desc="train", disable=not progress)
+        history = []
+        while self.step < self.cfg.steps:
+            stats = self.train_step()
+            history.append(stats)
+            bar.update(1)
+            bar.set_postfix({n: f"{v:.3f}" for n, v in stats.items() if n in ("loss", "top1_1", "top1_2", "top1_3")})
+            if self.step % self.cfg.save_every == 0 or self.step == self.cfg.steps:
+                self.save_state()
+        bar.close()
+        seconds = time.perf_counter() - t0
+        last = history[-20:] or [{}]
+        summary = {n: sum(h[n] for h in last) / len(last) for n in last[0]}
+        return self.export({"train": asdict(self.cfg), "sequences": len(self.seqs),
+                            "tokens": sum(len(s.ids) for s in self.seqs), "steps_this_run": self.step - start,
+                            "seconds_this_run": round(seconds, 1), "last_20_steps": summary,
+                            "hardware": f"{torch.get_num_threads()} CPU threads"})
