@@ -138,6 +138,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--eval-prompts", default=str(DEFAULT_EVAL_PROMPTS),
                    help="evaluation prompts: never trained on; training prompts are checked against them")
 
+    from .training.commands import add_parsers
+
+    add_parsers(sub, "HF model folder (default: the prepared default model)")
+
     sub.add_parser("serve", help="vLLM's `vllm serve` (works on the CPU build too; all arguments go to vLLM)",
                    add_help=False)
     return parser
@@ -153,6 +157,10 @@ def main(argv: list[str] | None = None) -> int:
         return _prepare_model(args)
     if args.command == "make-data":
         return _make_data(args)
+    if args.command in ("train", "eval-drafts"):
+        from .training.commands import eval_command, train_command
+
+        return (train_command if args.command == "train" else eval_command)(args, _model_dir(args.model))
     return _generate(args)
 
 
