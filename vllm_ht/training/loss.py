@@ -20,33 +20,42 @@ class LossOut:
     loss: torch.Tensor           # scalar, mean over valid rows (step-weighted)
     top1: list[float]            # per step: argmax(draft) == argmax(teacher), over valid rows
     counts: list[int]            # per step: valid rows
+    logp: torch.Tensor           # [n, V] teacher log-probs of the valid rows (reusable)
 
 
-def _chunk_kl(bb: Backbone, draft: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-    """draft, teacher [n, d] final-normed states -> per-row KL(p || q) [n] and agreement [n]."""
+def _chunk_kl(bb: Backbone, draft: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
+    """draft [n, d] final-normed states, logp [n, V] teacher log-probs -> [2, n]: KL(p || q), agreement."""
     logq = torch.log_softmax(bb.logits(draft), dim=-1)
-    with torch.no_grad():
-        logp = torch.log_softmax(bb.logits(teacher), dim=-1)
     kl = (logp.exp() * (logp - logq)).sum(-1)
     agree = (logq.argmax(-1) == logp.argmax(-1)).to(kl.dtype)
     return torch.stack([kl, agree.detach()])
 
 
+@torch.no_grad()
+def teacher_logprobs(bb: Backbone, teacher: torch.Tensor) -> torch.Tensor:
+    """[n, d] real final-normed states -> [n, V] log-probs, computed once (not in backward)."""
+    return torch.cat([torch.log_softmax(bb.logits(teacher[i : i + CHUNK_ROWS]), dim=-1)
+                      for i in range(0, teacher.shape[0], CHUNK_ROWS)]) if teacher.shape[0] else \
+        torch.zeros(0, bb.lm_head.out_features)
+
+
 def distill_loss(bb: Backbone, draft: torch.Tensor, teacher: torch.Tensor, valid: torch.Tensor,
-                 step_weights: list[float] | None = None) -> LossOut:
+                 step_weights: list[float] | None = None, logp: torch.Tensor | None = None) -> LossOut:
     """draft [B, A, k, d] (grad), teacher [B, A, k, d] (real states at anchor + s + 1),
     valid [B, A, k] bool. Invalid rows contribute nothing (they are never computed)."""
     k = draft.shape[2]
     steps = torch.arange(k).expand_as(valid)[valid]              # [n] step of each valid row
-    d_rows, t_rows = draft[valid], teacher[valid]                # [n, d]
+    d_rows = draft[valid]                                        # [n, d]
+    if logp is None:  # teacher log-probs of the valid rows; pass LossOut.logp to reuse them
+        logp = teacher_logprobs(bb, teacher[valid])              # [n, V]
     parts = []
     for start in range(0, d_rows.shape[0], CHUNK_ROWS):
         sl = slice(start, start + CHUNK_ROWS)
-        parts.append(checkpoint(_chunk_kl, bb, d_rows[sl], t_rows[sl], use_reentrant=False))
+        parts.append(checkpoint(_chunk_kl, bb, d_rows[sl], logp[sl], use_reentrant=False))
     kl, agree = torch.cat(parts, dim=1) if parts else torch.zeros(2, 0)
     w = torch.tensor(step_weights or [1.0] * k, dtype=kl.dtype)[steps]
     loss = (kl * w).sum() / w.sum().clamp(min=1e-8)
     counts = [int((steps == s).sum()) for s in range(k)]
     agree = agree.detach()
     top1 = [float(agree[steps == s].mean()) if counts[s] else 0.0 for s in range(k)]
-    return LossOut(loss=loss, top1=top1, counts=counts)
+    return LossOut(loss=loss, top1=top1, counts=counts, logp=logp)

@@ -73,10 +73,10 @@ def pseudo_pass(bb: Backbone, projections: TransferProjections, config: HiddenTr
         rk, rv = real.kv[j]
         keys, vals = torch.cat([rk, k], dim=2), torch.cat([rv, v], dim=2)
         x = bb.finish(j, x, bb.attend(q, keys, vals, mask))
-    out = torch.empty(b, a, k_steps, x.shape[-1], dtype=x.dtype)
+    normed = bb.norm(x)
+    out = torch.empty(b, a, k_steps, x.shape[-1], dtype=normed.dtype)
     order = torch.arange(rows_step.numel())
-    out = out.index_put((torch.arange(b)[:, None], (order % a)[None], rows_step[None]), bb.norm(x))
-    return out
+    return out.index_put((torch.arange(b)[:, None], (order % a)[None], rows_step[None]), normed)
 
 
 def _pseudo_mask(rows_anchor: torch.Tensor, rows_step: torch.Tensor, t: int) -> torch.Tensor:

@@ -103,7 +103,7 @@ class Trainer:
         stats = {"loss": float(out.loss.detach()), **{f"top1_{s + 1}": a for s, a in enumerate(out.top1)}}
         if self.medusa is not None:
             h_last = real.final[torch.arange(anchors.shape[0])[:, None], anchors]  # [B, A, d]
-            m = distill_loss(self.bb, self.medusa(h_last), teacher, valid, cfg.step_weights)
+            m = distill_loss(self.bb, self.medusa(h_last), teacher, valid, cfg.step_weights, logp=out.logp)
             total = total + m.loss
             stats.update({"medusa_loss": float(m.loss.detach()), **{f"medusa_top1_{s + 1}": a for s, a in enumerate(m.top1)}})
         self.opt.zero_grad(set_to_none=True)
