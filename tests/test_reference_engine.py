@@ -87,3 +87,17 @@ def test_cli_generate_bad_checkpoint_is_a_clear_error(model_dir, tmp_path):
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 2
     assert "does not exist" in out.stderr and "--ht-checkpoint" in out.stderr
+
+
+def test_medusa_drafter_is_lossless_too(engine, model_dir, tmp_path, mt_bench_prompts):
+    from vllm_ht.reference.engine import ReferenceEngine
+    from vllm_ht.training.medusa import MedusaHeads
+
+    heads = MedusaHeads(3, engine.config.hidden_size)
+    with torch.no_grad():
+        heads.weight.normal_(std=0.02, generator=torch.Generator().manual_seed(4))
+    heads.save(str(tmp_path / "medusa.safetensors"))
+    medusa = ReferenceEngine(model_dir, num_nodes=8, max_len=1024, model=engine.model,
+                             medusa=tmp_path / "medusa.safetensors")
+    prompt = medusa.encode_chat(mt_bench_prompts[2])
+    assert medusa.generate(prompt, 32).tokens == engine.generate_plain(prompt, 32).tokens

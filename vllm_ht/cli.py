@@ -43,7 +43,7 @@ def _generate(args: argparse.Namespace) -> int:
 
     try:
         engine = ReferenceEngine(_model_dir(args.model), args.checkpoint, dtype=args.dtype,
-                                 num_nodes=args.num_nodes, max_len=args.max_len)
+                                 num_nodes=args.num_nodes, max_len=args.max_len, medusa=args.medusa)
         params = SamplingParams(args.temperature, args.top_k, args.top_p)
     except (ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -52,7 +52,7 @@ def _generate(args: argparse.Namespace) -> int:
     prompts = [engine.tokenizer.encode(t) if args.raw else engine.encode_chat(t) for t in texts]
     engine.generate(prompts[0][:8], 2, params, seed=args.seed)  # warm-up, not timed
     ht = [engine.generate(p, args.max_tokens, params, seed=args.seed) for p in prompts]
-    report: dict = {"method": "hidden_transfer", "dtype": args.dtype, "num_nodes": engine.tree.num_nodes - 1,
+    report: dict = {"method": "medusa" if args.medusa else "hidden_transfer", "dtype": args.dtype, "num_nodes": engine.tree.num_nodes - 1,
                     "checkpoint": args.checkpoint, "prompts": len(prompts)}
     steps = sum(r.steps for r in ht)
     report["tau"] = sum(len(r.tokens) - 1 for r in ht) / steps if steps else 0.0
@@ -113,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--limit", type=int, default=None, help="use the first N prompts of --prompts")
     g.add_argument("--model", help="HF model folder (default: the prepared default model)")
     g.add_argument("--checkpoint", help="HT checkpoint folder (default: identity projections)")
+    g.add_argument("--medusa", help="draft with Medusa heads (medusa.safetensors) instead: the baseline")
     g.add_argument("--temperature", type=float, default=0.0)
     g.add_argument("--top-k", type=int, default=0)
     g.add_argument("--top-p", type=float, default=1.0)

@@ -47,7 +47,10 @@ class GenerationResult:
 
 class ReferenceEngine:
     def __init__(self, model_dir: str | Path, checkpoint: str | Path | None = None, dtype: str = "fp32",
-                 num_nodes: int = 16, max_len: int = 4096, model: torch.nn.Module | None = None):
+                 num_nodes: int = 16, max_len: int = 4096, model: torch.nn.Module | None = None,
+                 medusa: str | Path | None = None):
+        """medusa: a Medusa heads file (`medusa.safetensors` from `vllm-ht train --medusa`): the
+        baseline drafter, used instead of pseudo rows, with the same trees and verification."""
         if dtype not in DTYPES:
             raise ValueError(f"dtype={dtype!r}: use fp32 or bf16")
         self.dtype = DTYPES[dtype]
@@ -63,6 +66,11 @@ class ReferenceEngine:
             self.config, self.projections = load_checkpoint(checkpoint)
             self.config.check_model(mcfg)
         self.projections.to(self.dtype)
+        self.medusa = None
+        if medusa is not None:
+            from ..training.medusa import MedusaHeads
+
+            self.medusa = MedusaHeads.load(str(medusa)).to(self.dtype).requires_grad_(False)
         self.forward = HTForward(self.model, self.projections, self.config)
         self.tree = template_for_budget(self.config.tree_templates, self.config.topr_accuracy,
                                         num_nodes, self.config.num_steps)
@@ -95,9 +103,11 @@ class ReferenceEngine:
         self.cache.compact(list(range(n)))
         return out
 
-    def _drafts(self, pseudo_hidden: torch.Tensor) -> torch.Tensor:
-        """[k, d] pseudo states of the accepted node -> [k, num_ranks] draft token ids."""
-        return torch.topk(self.forward.logits(pseudo_hidden), self.num_ranks, dim=-1).indices
+    def _drafts(self, out, row: int) -> torch.Tensor:
+        """Draft token ids [k, num_ranks] of real row `row` (the accepted node): from its k pseudo
+        rows (HT), or from the Medusa heads on its final state."""
+        states = self.medusa(out.real_hidden[row]) if self.medusa is not None else out.pseudo_hidden[row]
+        return torch.topk(self.forward.logits(states), self.num_ranks, dim=-1).indices
 
     def _done(self, tokens: list[int], max_tokens: int) -> bool:
         return len(tokens) >= max_tokens or any(t in self.eos for t in tokens)
@@ -135,19 +145,19 @@ class ReferenceEngine:
         tree = tree or self.tree
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         start = time.perf_counter()
-        out = self._prefill(prompt, want_drafts=True)
+        out = self._prefill(prompt, want_drafts=self.medusa is None)
         tokens = [sample_token(out.real_logits[-1], params, gen)]
-        drafts = self._drafts(out.pseudo_hidden[0])
-        all_nodes = torch.arange(tree.num_nodes)
+        drafts = self._drafts(out, -1 if self.medusa is not None else 0)
+        anchors = torch.arange(tree.num_nodes) if self.medusa is None else torch.empty(0, dtype=torch.long)
         steps, per_depth = 0, [0] * self.config.num_steps
         while not self._done(tokens, max_tokens):
             node_tokens = tree.node_tokens(tokens[-1], drafts)                       # propose
             out = self.forward(StepInput(tokens=node_tokens, positions=tree.positions(self.cache.length),
-                                         window_mask=tree.mask, anchors=all_nodes), self.cache)
+                                         window_mask=tree.mask, anchors=anchors), self.cache)
             result = verify_tree(tree, node_tokens, out.real_logits, params, gen)    # verify
             self.cache.compact(result.accepted)                                      # compact
             tokens += result.emitted
-            drafts = self._drafts(out.pseudo_hidden[result.accepted[-1]])
+            drafts = self._drafts(out, result.accepted[-1])
             steps += 1
             for d in range(result.num_accepted_drafts):
                 per_depth[d] += 1

@@ -35,6 +35,7 @@ class StepInput:
 @dataclass
 class StepOutput:
     real_logits: torch.Tensor     # [R', V] fp32, rows of StepInput.logit_rows
+    real_hidden: torch.Tensor     # [R', d] final-normed real states of the same rows (Medusa heads read them)
     pseudo_hidden: torch.Tensor   # [P, k, d] final-normed pseudo states (LM head not yet applied)
 
 
@@ -72,11 +73,12 @@ class HTForward:
                 mask = self._mask(step.window_mask.to(device), anchors, p_anchor, p_step, cache.length)
             x = self._layer(j, x, cos, sin, mask, cache, num_real)
         rows = step.logit_rows if step.logit_rows is not None else torch.arange(num_real, device=device)
-        real_logits = self.logits(self.bb.norm(x[rows.to(device)]))
+        real_hidden = self.bb.norm(x[rows.to(device)])
+        real_logits = self.logits(real_hidden)
         pseudo = torch.zeros(anchors.numel(), k_steps, x.shape[-1], dtype=x.dtype, device=device)
         if p_anchor.numel():
             pseudo[p_anchor, p_step] = self.bb.norm(x[num_real:])
-        return StepOutput(real_logits=real_logits, pseudo_hidden=pseudo)
+        return StepOutput(real_logits=real_logits, real_hidden=real_hidden, pseudo_hidden=pseudo)
 
     def _joins(self) -> dict[int, list[int]]:
         """Module index -> steps joining there. transfer layer l means h^l = output of l layers."""
