@@ -32,5 +32,9 @@ setup(
         "triton": ["triton>=3.7.1"],
         "dev": ["pytest>=8", "pytest-timeout", "scipy", "ruff"],
     },
-    entry_points={"console_scripts": ["vllm-ht = vllm_ht.cli:main"]},
+    entry_points={
+        "console_scripts": ["vllm-ht = vllm_ht.cli:main"],
+        # vLLM calls this in every process: registers the HT model class and the CLI alias
+        "vllm.general_plugins": ["vllm_ht = vllm_ht.vllm.plugin:register"],
+    },
 )

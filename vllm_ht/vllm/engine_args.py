@@ -1,0 +1,102 @@
+"""`--speculative-model hidden_transfer`: the user's flags, expanded to vLLM 0.32's real ones.
+
+    vllm serve MODEL --speculative-model hidden_transfer --ht-checkpoint DIR [--ht-num-nodes N]
+is the same as the explicit long form
+    vllm serve MODEL --speculative-config '{"method": "custom_class", "model":
+        "vllm_ht.vllm.proposer.HTProposer", "num_speculative_tokens": 31}'
+        --worker-cls vllm_ht.vllm.worker.HTCPUWorker
+        --hf-overrides '{"architectures": ["HTLlamaForCausalLM"]}'
+        --additional-config '{"vllm_ht": {"checkpoint": "DIR", "num_nodes": null, "row_budget": 32}}'
+        --enforce-eager
+and offline: `LLM(MODEL, **ht_engine_kwargs(MODEL, checkpoint="DIR"))`.
+The checkpoint is checked against the model here, before vLLM allocates anything.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from ..checkpoint import load_checkpoint
+from ..config import ConfigError
+from .options import KEY, HTOptions
+
+METHOD = "hidden_transfer"
+VLLM_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")  # the HT model class builds on vLLM's Llama
+HT_ARCH = "HTLlamaForCausalLM"
+
+
+def worker_cls() -> str:
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        raise ConfigError("vllm-ht's Hidden Transfer runner is validated on vLLM's CPU build only so far; the "
+                          "GPU worker is not available yet. Use the CPU build (`make install` on a machine "
+                          "without an NVIDIA GPU) or run without --speculative-model.")
+    return "vllm_ht.vllm.worker.HTCPUWorker"
+
+
+def check_model(model: str, opts: HTOptions) -> None:
+    """Clear errors for: unsupported architecture, missing/corrupt checkpoint, checkpoint for
+    another model (hidden size, vocab, layers), transfer layer out of range."""
+    try:
+        from transformers import AutoConfig
+
+        hf = AutoConfig.from_pretrained(model)
+    except Exception:  # noqa: BLE001 - vLLM reports an unreadable model itself, with its own message
+        hf = None
+    if hf is not None:
+        arch = (getattr(hf, "architectures", None) or ["?"])[0]
+        if arch not in VLLM_ARCHITECTURES:
+            raise ConfigError(f"model {model} is a {arch}; Hidden Transfer in vLLM supports "
+                              f"{', '.join(VLLM_ARCHITECTURES)}. Serve it without --speculative-model.")
+    if opts.checkpoint:
+        cfg, _ = load_checkpoint(opts.checkpoint)
+        if hf is not None:
+            cfg.check_model(hf)
+
+
+def ht_engine_kwargs(model: str, checkpoint: str | None = None, num_nodes: int | None = None,
+                     row_budget: int | None = None) -> dict:
+    """vLLM engine arguments that turn on Hidden Transfer (for `LLM(...)` / `EngineArgs(...)`)."""
+    opts = HTOptions(checkpoint=str(Path(checkpoint).resolve()) if checkpoint else None, num_nodes=num_nodes,
+                     **({"row_budget": row_budget} if row_budget else {}))
+    check_model(model, opts)
+    return {"speculative_config": {"method": "custom_class", "model": "vllm_ht.vllm.proposer.HTProposer",
+                                   "num_speculative_tokens": opts.max_nodes},
+            "worker_cls": worker_cls(),
+            "hf_overrides": {"architectures": [HT_ARCH]},
+            "additional_config": {KEY: opts.to_dict()},
+            "enforce_eager": True}
+
+
+def add_ht_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    group = parser.add_argument_group("Hidden Transfer (vllm-ht)")
+    group.add_argument("--speculative-model", choices=[METHOD], default=None,
+                       help="`hidden_transfer`: Hidden Transfer speculative decoding (vllm-ht plugin)")
+    group.add_argument("--ht-checkpoint", default=None,
+                       help="HT checkpoint folder (config.json + projections.safetensors); omit for identity projections")
+    group.add_argument("--ht-num-nodes", type=int, default=None,
+                       help="fixed draft-tree node budget (default: chosen per step from the batch size)")
+    return parser
+
+
+def expand_namespace(args: argparse.Namespace) -> None:
+    """Rewrite parsed CLI args in place: the HT flags become vLLM's real flags."""
+    method = getattr(args, "speculative_model", None)
+    if method is None:
+        if getattr(args, "ht_checkpoint", None) or getattr(args, "ht_num_nodes", None) is not None:
+            sys.exit("vllm-ht: --ht-checkpoint / --ht-num-nodes need --speculative-model hidden_transfer")
+        return
+    if getattr(args, "speculative_config", None):
+        sys.exit("vllm-ht: give either --speculative-model hidden_transfer or --speculative-config, not both")
+    try:
+        kw = ht_engine_kwargs(args.model, args.ht_checkpoint, args.ht_num_nodes)
+    except (ConfigError, ValueError) as e:
+        sys.exit(f"vllm-ht: {e}")
+    args.speculative_config = kw["speculative_config"]
+    args.worker_cls = kw["worker_cls"]
+    args.hf_overrides = {**(getattr(args, "hf_overrides", None) or {}), **kw["hf_overrides"]}
+    args.additional_config = {**(getattr(args, "additional_config", None) or {}), **kw["additional_config"]}
+    args.enforce_eager = True
+    args.speculative_model = None  # expanded once, even if from_cli_args runs again

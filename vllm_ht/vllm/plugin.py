@@ -1,0 +1,36 @@
+"""The `vllm.general_plugins` entry point: runs in every vLLM process, possibly several times.
+
+Registers the HT model class and adds the `--speculative-model hidden_transfer` CLI alias
+(vLLM loads plugins before it builds the serve parser).
+"""
+from __future__ import annotations
+
+_DONE = False
+
+
+def register() -> None:
+    global _DONE
+    if _DONE:
+        return
+    _DONE = True
+    from vllm import ModelRegistry
+    from vllm.engine.arg_utils import EngineArgs
+
+    from .engine_args import HT_ARCH, add_ht_arguments, expand_namespace
+
+    ModelRegistry.register_model(HT_ARCH, "vllm_ht.vllm.model:HTLlamaForCausalLM")
+    if getattr(EngineArgs, "_vllm_ht_wrapped", False):
+        return
+    add_cli_args = EngineArgs.add_cli_args
+    from_cli_args = EngineArgs.from_cli_args.__func__
+
+    def add_cli_args_ht(parser):
+        return add_ht_arguments(add_cli_args(parser))
+
+    def from_cli_args_ht(cls, args):
+        expand_namespace(args)
+        return from_cli_args(cls, args)
+
+    EngineArgs.add_cli_args = staticmethod(add_cli_args_ht)
+    EngineArgs.from_cli_args = classmethod(from_cli_args_ht)
+    EngineArgs._vllm_ht_wrapped = True

@@ -1,0 +1,195 @@
+"""The HT model runner: vLLM's V1 runner with tree verification, KV compaction and tree drafting.
+
+One step, per request (DESIGN §1, in vLLM's terms):
+  _model_forward   tree requests get depth positions (root position + depth) and the tree mask;
+                   every node (and the last row of a plain decode/prefill) becomes an anchor
+                   with k pseudo rows (HTStep in the forward context);
+  _sample          vLLM's own sampler runs first (plain requests stay exactly stock); each tree
+                   request is then re-decided by `verify_tree` and its accepted nodes' K/V are
+                   compacted to contiguous slots, so the scheduler's count-based rollback is right;
+  propose_draft_token_ids
+                   the accepted node's pseudo rows -> top-r tokens per depth -> the next tree.
+Requests whose features assume a chain (penalties, logprobs, structured output, ...) get no
+drafts and decode plainly.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+from vllm.forward_context import get_forward_context
+
+import kernels
+
+from ..verify import SamplingParams, verify_tree
+from .attention import STEP_KEY
+from .metrics import HTStats
+from .step import HTStep
+
+log = logging.getLogger(__name__)
+_warned_chain_only = False
+
+
+def chain_only_reason(sp) -> str | None:
+    """Why a request must decode without drafts, or None. (Verification applies temperature,
+    top-k and top-p only; everything else assumes one token per position.)"""
+    checks = {"logprobs": sp.logprobs is not None or sp.prompt_logprobs is not None,
+              "penalties": sp.presence_penalty != 0 or sp.frequency_penalty != 0 or sp.repetition_penalty != 1,
+              "structured output": sp.structured_outputs is not None,
+              "bad words": bool(sp.bad_words), "min tokens": sp.min_tokens > 0, "min_p": sp.min_p > 0,
+              "logit bias": bool(sp.logit_bias) or bool(sp.allowed_token_ids),
+              "thinking budget": sp.thinking_token_budget is not None,
+              "logprob token ids": bool(sp.logprob_token_ids), "watermarking": bool(sp.watermarking)}
+    return next((name for name, hit in checks.items() if hit), None)
+
+
+class HTRunnerMixin:
+    """Mixed into GPUModelRunner / CPUModelRunner (V1). State lives in explicit attributes."""
+
+    def _ht_setup(self) -> None:
+        self.ht_trees: dict[str, object] = {}        # req_id -> TokenTree of its scheduled drafts
+        self.ht_stats = HTStats()
+        self._ht_sched = None
+        self._ht_step: HTStep | None = None
+        self._ht_accepted: dict[int, list[int]] = {}  # request index -> accepted local rows
+        self._ht_block_table = None
+
+    def execute_model(self, scheduler_output, intermediate_tensors=None):
+        self._ht_sched = scheduler_output
+        return super().execute_model(scheduler_output, intermediate_tensors)
+
+    # ---- forward ---------------------------------------------------------------------------
+    def _wants_drafts(self, req_id: str) -> bool:
+        global _warned_chain_only
+        state = self.requests.get(req_id)
+        sp = getattr(state, "sampling_params", None)
+        if sp is None:
+            return False
+        reason = chain_only_reason(sp)
+        if reason and not _warned_chain_only:
+            _warned_chain_only = True
+            log.warning("vllm-ht: requests using %s (and other chain-only features) decode without drafts", reason)
+        return reason is None
+
+    def _build_step(self, positions: torch.Tensor) -> tuple[HTStep, torch.Tensor]:
+        so, batch = self._ht_sched, self.input_batch
+        req_ids = batch.req_ids[: batch.num_reqs]
+        q_lens = [so.num_scheduled_tokens[r] for r in req_ids]
+        trees, anchors = {}, {}
+        new_pos = positions.clone()
+        start = 0
+        for i, (req_id, n) in enumerate(zip(req_ids, q_lens)):
+            drafts = so.scheduled_spec_decode_tokens.get(req_id) or []
+            tree = self.ht_trees.get(req_id)
+            if drafts and tree is not None:
+                tree = tree.prefix(len(drafts) + 1)   # the scheduler may cut drafts from the end
+                trees[i] = tree
+                new_pos[start : start + n] = positions[start] + tree.depths.to(positions.device)
+                anchors[i] = list(range(n))
+            elif self._wants_drafts(req_id):
+                finishes = batch.num_computed_tokens_cpu[i] + n >= batch.num_tokens_no_spec[i]
+                if finishes:  # partial prefill chunks sample nothing, so draft nothing
+                    anchors[i] = [n - 1]
+            start += n
+        return HTStep.build(q_lens, trees, anchors), new_pos
+
+    def _model_forward(self, input_ids=None, positions=None, intermediate_tensors=None,
+                       inputs_embeds=None, **model_kwargs):
+        if self._ht_sched is None or positions is None:
+            return super()._model_forward(input_ids, positions, intermediate_tensors, inputs_embeds, **model_kwargs)
+        step, positions = self._build_step(positions)
+        fc = get_forward_context()
+        fc.additional_kwargs[STEP_KEY] = step
+        self._ht_step = step
+        md = fc.attn_metadata
+        if isinstance(md, dict) and md:
+            self._ht_block_table = next(iter(md.values())).block_table
+        try:
+            return super()._model_forward(input_ids, positions, intermediate_tensors, inputs_embeds, **model_kwargs)
+        finally:
+            fc.additional_kwargs.pop(STEP_KEY, None)
+
+    # ---- verification + compaction ---------------------------------------------------------
+    def _request_params(self, i: int) -> tuple[SamplingParams, torch.Generator | None]:
+        state = self.requests[self.input_batch.req_ids[i]]
+        sp = state.sampling_params
+        if sp.temperature < 1e-5:
+            return SamplingParams(), None
+        top_k = sp.top_k if 0 < sp.top_k < self.input_batch.vocab_size else 0
+        return SamplingParams(sp.temperature, top_k, sp.top_p), state.generator
+
+    def _sample(self, logits, spec_decode_metadata):
+        out = super()._sample(logits, spec_decode_metadata)
+        step = self._ht_step
+        self._ht_accepted = {}
+        if step is None:
+            return out
+        for i, n in enumerate(step.q_lens):
+            self._ht_accepted[i] = [n - 1]
+        if spec_decode_metadata is None or not step.trees:
+            return out
+        sampled = out.sampled_token_ids.clone()
+        starts = [0]
+        for d in spec_decode_metadata.num_draft_tokens:
+            starts.append(starts[-1] + d + 1)
+        src, dst, loc = [], [], [0]
+        ctx = self._ht_context_positions(step)
+        for i in range(len(step.q_lens)):
+            tree = step.trees.get(i)
+            if tree is not None:
+                rows = logits[starts[i] : starts[i] + tree.num_nodes]
+                tokens = torch.tensor([-1] + self._ht_sched.scheduled_spec_decode_tokens[self.input_batch.req_ids[i]])
+                params, gen = self._request_params(i)
+                res = verify_tree(tree, tokens[: tree.num_nodes], rows, params, gen)
+                sampled[i] = -1
+                sampled[i, : len(res.emitted)] = torch.tensor(res.emitted, dtype=sampled.dtype)
+                self._ht_accepted[i] = res.accepted
+                self.ht_stats.record(res.num_accepted_drafts, tree.num_nodes - 1)
+                moves = [(ctx[i] + a, ctx[i] + j) for j, a in enumerate(res.accepted) if a != j]
+                src += [s for s, _ in moves]
+                dst += [d for _, d in moves]
+            loc.append(len(src))
+        if src:
+            dev = self._ht_block_table.device
+            kernels.compact_kv(self.kv_caches, self._ht_block_table,
+                               torch.tensor(src, dtype=torch.int32, device=dev),
+                               torch.tensor(dst, dtype=torch.int32, device=dev),
+                               torch.tensor(loc, dtype=torch.int32, device=dev))
+        out.sampled_token_ids = sampled
+        return out
+
+    def _ht_context_positions(self, step: HTStep) -> list[int]:
+        """Position of each request's first scheduled row (the root, for tree requests)."""
+        return [int(self.input_batch.num_computed_tokens_cpu[i]) for i in range(len(step.q_lens))]
+
+    # ---- drafting --------------------------------------------------------------------------
+    def propose_draft_token_ids(self, scheduler_output, sampled_token_ids, *args, **kwargs):
+        step, drafter = self._ht_step, self.drafter
+        num_reqs = len(sampled_token_ids)
+        result: list[list[int]] = [[] for _ in range(num_reqs)]
+        live = [i for i, toks in enumerate(sampled_token_ids) if toks]
+        tree = drafter.tree_for_batch(len(live))
+        for req_id in list(self.ht_trees):
+            self.ht_trees.pop(req_id)
+        if step is None or step.pseudo_hidden is None or tree.num_nodes <= 1:
+            return result
+        anchor_index = {(int(s), int(r)): a for a, (s, r) in enumerate(zip(step.anchor_seq, self._local_rows(step)))}
+        picks = []
+        for i in live:
+            node = self._ht_accepted.get(i, [None])[-1]
+            a = anchor_index.get((i, node)) if node is not None else None
+            if a is not None:
+                picks.append((i, a))
+        if not picks:
+            return result
+        pseudo = step.pseudo_hidden[torch.tensor([a for _, a in picks])]        # [R, k, d]
+        logits = self.model.compute_logits(pseudo.flatten(0, 1)).view(len(picks), pseudo.shape[1], -1)
+        for (i, _), lg in zip(picks, logits):
+            result[i] = drafter.drafts(tree, sampled_token_ids[i][-1], lg)
+            self.ht_trees[self.input_batch.req_ids[i]] = tree
+        return result
+
+    @staticmethod
+    def _local_rows(step: HTStep) -> list[int]:
+        starts = torch.tensor([0] + step.q_lens).cumsum(0)
+        return (step.anchors - starts[step.anchor_seq]).tolist()

@@ -1,0 +1,33 @@
+"""Workers that install the HT model runner (and, on CPU, the HT attention backend).
+
+Selected with `--worker-cls` (the `--speculative-model hidden_transfer` alias sets it).
+"""
+from __future__ import annotations
+
+from unittest.mock import patch
+
+from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
+from vllm.v1.worker import cpu_worker
+from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+from vllm.v1.worker.cpu_worker import CPUWorker
+
+from .runner import HTRunnerMixin
+
+
+class HTCPUModelRunner(HTRunnerMixin, CPUModelRunner):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._ht_setup()
+
+
+class HTCPUWorker(CPUWorker):
+    def __init__(self, *args, **kwargs):
+        # CpuPlatform always picks CPU_ATTN: point that name at the plain-layout HT backend
+        # before the model (and its attention layers) is built in this process.
+        register_backend(AttentionBackendEnum.CPU_ATTN, "vllm_ht.vllm.attention.HTCPUAttentionBackend")
+        super().__init__(*args, **kwargs)
+
+    def init_device(self):
+        # CPUWorker builds its runner inline from the module global: swap the class in for that call
+        with patch.object(cpu_worker, "CPUModelRunner", HTCPUModelRunner):
+            super().init_device()
