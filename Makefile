@@ -28,9 +28,12 @@ model: install
 test: model
 	$(PY) -m pytest
 
+CHECKPOINT ?= checkpoints/smollm2-135m-instruct
+
 serve: model
-	@echo "NOTE: this serves PLAIN vLLM for now: Hidden Transfer inside vLLM arrives with the vLLM integration."
-	$(HT) serve "$$($(HT) prepare-model 2>/dev/null)" --host $(HOST) --port $(PORT) --dtype $(DTYPE) --max-model-len 4096
+	$(HT) serve "$$($(HT) prepare-model 2>/dev/null)" --speculative-model hidden_transfer \
+	  $$(test -f $(CHECKPOINT)/config.json && echo --ht-checkpoint $(CHECKPOINT)) \
+	  --host $(HOST) --port $(PORT) --dtype $(DTYPE) --max-model-len 4096
 
 bench: model
 	@echo "NOTE: reference-engine (transformers) comparison; the vLLM throughput benchmark arrives with benchmarks/throughput.py."

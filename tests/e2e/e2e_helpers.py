@@ -1,0 +1,31 @@
+"""End-to-end helpers: each vLLM engine runs in its own process (`python -m vllm_ht.vllm.offline`)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+CHECKPOINT = REPO / "checkpoints" / "smollm2-135m-instruct"
+MT_BENCH = REPO / "data" / "mt_bench_question.jsonl"
+
+
+def run_engine(model_dir, out: Path, *args: str, timeout: int = 900) -> dict:
+    """One engine, one process; fp32 + eager unless the args say otherwise."""
+    cmd = [sys.executable, "-m", "vllm_ht.vllm.offline", "--model", str(model_dir), "--prompts", str(MT_BENCH),
+           "--dtype", "float32", "--enforce-eager", "--out", str(out), *args]
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    if proc.returncode != 0:
+        raise AssertionError(f"engine failed ({' '.join(args)}):\n{proc.stderr[-4000:]}")
+    return json.loads(out.read_text())
+
+
+def trained_checkpoint() -> Path:
+    if not (CHECKPOINT / "config.json").is_file():
+        pytest.fail("checkpoints/smollm2-135m-instruct is missing: the shipped checkpoint is part of the repo")
+    return CHECKPOINT

@@ -1,0 +1,49 @@
+"""vLLM + Hidden Transfer on vLLM's CPU build is lossless: greedy fp32 outputs equal plain vLLM's
+on 20 MT-bench prompts x 64 tokens, one request at a time and as mixed-length batches of 8."""
+import pytest
+
+from e2e_helpers import run_engine, trained_checkpoint
+
+N, TOKENS = 20, 64
+ARGS = ["--limit", str(N), "--max-tokens", str(TOKENS), "--ignore-eos", "--batch-sizes", "1,8"]
+
+
+@pytest.fixture(scope="module")
+def plain(model_dir, tmp_path_factory):
+    return run_engine(model_dir, tmp_path_factory.mktemp("e2e") / "plain.json", *ARGS)
+
+
+@pytest.fixture(scope="module")
+def ht_identity(model_dir, tmp_path_factory):
+    return run_engine(model_dir, tmp_path_factory.mktemp("e2e") / "ht.json", "--method", "ht", "--num-nodes", "6", *ARGS)
+
+
+@pytest.fixture(scope="module")
+def ht_trained(model_dir, tmp_path_factory):
+    return run_engine(model_dir, tmp_path_factory.mktemp("e2e") / "ht_trained.json", "--method", "ht",
+                      "--checkpoint", str(trained_checkpoint()), *ARGS)
+
+
+def _check_identical(result, plain):
+    for bs in ("1", "8"):
+        got, want = result["runs"][bs]["outputs"], plain["runs"][bs]["outputs"]
+        assert len(got) == len(want) == N
+        mismatched = [i for i, (a, b) in enumerate(zip(got, want)) if a != b]
+        assert not mismatched, f"batch {bs}: prompts {mismatched} differ from plain vLLM"
+        assert all(len(o) == TOKENS for o in got)
+
+
+def test_plain_vllm_is_batch_invariant_in_fp32(plain):
+    assert plain["runs"]["1"]["outputs"] == plain["runs"]["8"]["outputs"]  # the premise of the tests below
+
+
+def test_ht_identity_projections_identical_to_plain(ht_identity, plain):
+    _check_identical(ht_identity, plain)
+    assert ht_identity["runs"]["1"]["num_drafts"] > 0  # trees were really verified
+
+
+def test_ht_trained_identical_to_plain_and_accepts_drafts(ht_trained, plain):
+    _check_identical(ht_trained, plain)
+    for bs in ("1", "8"):
+        tau = ht_trained["runs"][bs]["mean_accepted_length"]
+        assert tau is not None and tau > 1.3, f"batch {bs}: tau {tau}"

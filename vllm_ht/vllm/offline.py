@@ -1,0 +1,116 @@
+"""Run one vLLM engine (plain, ngram or Hidden Transfer) over a prompt file; JSON out.
+
+    python -m vllm_ht.vllm.offline --method ht --checkpoint DIR --prompts FILE --limit 20 \
+        --max-tokens 64 --dtype float32 --batch-size 1 --out out.json
+
+One engine per process (vLLM's CPU engine spawns workers; separate processes keep methods from
+sharing state). Used by the end-to-end tests and the throughput benchmark. Acceptance comes from
+vLLM's own spec-decode counters: a verification step that accepts a path of depth a counts
+positions 0..a-1, so per-position counts are per-depth counts for trees too.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+
+def engine_kwargs(args) -> dict:
+    if args.method == "ht":
+        from .engine_args import ht_engine_kwargs
+
+        return ht_engine_kwargs(args.model, checkpoint=args.checkpoint, num_nodes=args.num_nodes,
+                                row_budget=args.row_budget)
+    if args.method == "ngram":
+        return {"speculative_config": {"method": "ngram", "num_speculative_tokens": 3,
+                                       "prompt_lookup_max": 3, "prompt_lookup_min": 1}}
+    return {}
+
+
+def spec_metrics(llm) -> dict:
+    """vLLM's cumulative spec-decode counters: drafts, draft tokens, accepted, accepted per position."""
+    vals: dict = {}
+    for m in llm.get_metrics():
+        if m.name.startswith("vllm:spec_decode"):
+            vals[m.name.removeprefix("vllm:spec_decode_")] = getattr(m, "values", None) or getattr(m, "value", 0)
+    drafts = vals.get("num_drafts", 0) or 0
+    accepted = vals.get("num_accepted_tokens", 0) or 0
+    per_pos = vals.get("num_accepted_tokens_per_pos", []) or []
+    return {"num_drafts": drafts, "num_draft_tokens": vals.get("num_draft_tokens", 0), "num_accepted": accepted,
+            "per_pos": list(per_pos)}
+
+
+def run(args) -> dict:
+    from vllm import LLM, SamplingParams
+
+    from ..prompts import load_prompts
+
+    prompts = load_prompts(args.prompts, args.limit)
+    kw = engine_kwargs(args)
+    kw.setdefault("enforce_eager", args.enforce_eager)
+    t0 = time.perf_counter()
+    llm = LLM(model=args.model, dtype=args.dtype, max_model_len=args.max_model_len, seed=0,
+              disable_log_stats=False, tensor_parallel_size=args.tensor_parallel_size, **kw)
+    startup = time.perf_counter() - t0
+    conversations = [[{"role": "user", "content": p}] for p in prompts]
+
+    def params(i: int):
+        return SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens, ignore_eos=args.ignore_eos,
+                              seed=None if args.seed is None else args.seed + i)
+
+    llm.chat(conversations[:1], SamplingParams(max_tokens=4), use_tqdm=False)  # warm-up, not timed
+    runs = {}
+    for batch_size in args.batch_sizes:
+        before = spec_metrics(llm)
+        outputs, t1 = [], time.perf_counter()
+        for start in range(0, len(conversations), batch_size):
+            chunk = conversations[start : start + batch_size]
+            outs = llm.chat(chunk, [params(start + i) for i in range(len(chunk))], use_tqdm=False)
+            outputs += [list(o.outputs[0].token_ids) for o in outs]
+        seconds = time.perf_counter() - t1
+        after = spec_metrics(llm)
+        drafts = (after["num_drafts"] or 0) - (before["num_drafts"] or 0)
+        acc = (after["num_accepted"] or 0) - (before["num_accepted"] or 0)
+        runs[batch_size] = {"outputs": outputs, "seconds": seconds, "output_tokens": sum(map(len, outputs)),
+                            "mean_accepted_length": 1 + acc / drafts if drafts else None,
+                            "num_drafts": drafts, "num_accepted": acc,
+                            "acceptance_per_depth": _depth_delta(before, after, drafts)}
+    return {"method": args.method, "dtype": args.dtype, "startup_seconds": startup, "runs": runs}
+
+
+def _depth_delta(before: dict, after: dict, drafts: int) -> list[float]:
+    b, a = before["per_pos"], after["per_pos"]
+    b = list(b) + [0] * (len(a) - len(b))
+    return [(x - y) / drafts for x, y in zip(a, b) if x - y] if drafts else []
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True)
+    p.add_argument("--method", choices=["plain", "ngram", "ht"], default="plain")
+    p.add_argument("--checkpoint")
+    p.add_argument("--num-nodes", type=int)
+    p.add_argument("--row-budget", type=int)
+    p.add_argument("--prompts", required=True)
+    p.add_argument("--limit", type=int)
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--max-model-len", type=int, default=2048)
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--batch-sizes", type=lambda v: [int(x) for x in v.split(",")], default=[1],
+                   help="comma list: each runs all prompts, in chunks of that many concurrent requests")
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--ignore-eos", action="store_true")
+    p.add_argument("--enforce-eager", action="store_true")
+    p.add_argument("--tensor-parallel-size", type=int, default=1)
+    p.add_argument("--out", required=True)
+    return p
+
+
+if __name__ == "__main__":
+    from .env import apply_cpu_defaults
+
+    apply_cpu_defaults()
+    a = build_parser().parse_args()
+    Path(a.out).write_text(json.dumps(run(a)))
