@@ -158,3 +158,7 @@ def test_metrics_report_drafts_and_acceptance(server):
     accepted = [line for line in text.splitlines() if line.startswith("vllm:spec_decode_num_accepted_tokens_total")]
     assert drafts and float(drafts[0].split()[-1]) > 0
     assert accepted and float(accepted[0].split()[-1]) > 0
+    tau = [line for line in text.splitlines() if line.startswith("vllm:ht_mean_accepted_length")]
+    assert tau and float(tau[0].split()[-1]) > 1.0
+    depth1 = [line for line in text.splitlines() if line.startswith("vllm:ht_acceptance_per_depth") and 'depth="1"' in line]
+    assert depth1 and 0 < float(depth1[0].split()[-1]) <= 1

@@ -1,7 +1,8 @@
 """The `vllm.general_plugins` entry point: runs in every vLLM process, possibly several times.
 
-Registers the HT model class and adds the `--speculative-model hidden_transfer` CLI alias
-(vLLM loads plugins before it builds the serve parser).
+Registers the HT model class, the derived acceptance gauges (prometheus.py) and adds the
+`--speculative-model hidden_transfer` CLI alias (vLLM loads plugins before it builds the serve
+parser).
 """
 from __future__ import annotations
 
@@ -19,6 +20,9 @@ def register() -> None:
     from .engine_args import HT_ARCH, add_ht_arguments, expand_namespace
 
     ModelRegistry.register_model(HT_ARCH, "vllm_ht.vllm.model:HTLlamaForCausalLM")
+    from .prometheus import register_collector
+
+    register_collector()  # derived gauges: mean accepted length, per-depth acceptance
     if getattr(EngineArgs, "_vllm_ht_wrapped", False):
         return
     add_cli_args = EngineArgs.add_cli_args
