@@ -97,3 +97,15 @@ def test_calibrated_templates_and_budget_lookup():
     assert template_for_budget(templates, acc, 6, 3).paths == tuple(best_template(acc, 6))
     # no accuracy: the generic prior, depth limited to num_steps
     assert template_for_budget({}, None, 16, 2).max_depth <= 2
+
+
+def test_end_probabilities_by_hand():
+    from vllm_ht.tree import end_probabilities, likely_end_nodes
+
+    acc = [[0.5, 0.2], [0.4]]
+    tree = TokenTree.from_paths([(0,), (1,), (0, 0)])
+    # path probs: root 1, (0,) .5, (1,) .2, (0,0) .2 -> ends: root .3, (0,) .3, (1,) .2, (0,0) .2
+    assert torch.allclose(end_probabilities(tree, acc), torch.tensor([0.3, 0.3, 0.2, 0.2]))
+    assert end_probabilities(tree, acc).sum().item() == pytest.approx(1.0)
+    assert likely_end_nodes(tree, acc, 2) == [0, 1]
+    assert likely_end_nodes(tree, acc, 9) == [0, 1, 2, 3]

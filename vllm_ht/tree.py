@@ -195,3 +195,23 @@ def template_for_budget(templates: dict[int, list[list[int]]], accuracy: Sequenc
     table = list(accuracy if accuracy is not None else [])[:num_steps]
     table += DEFAULT_ACCURACY[len(table):num_steps]
     return TokenTree.from_paths(best_template(table, num_nodes))
+
+
+def end_probabilities(tree: TokenTree, accuracy: Sequence[Sequence[float]]) -> torch.Tensor:
+    """[N+1] P(the accepted path ends exactly at each node) under the accuracy table: the node's
+    path probability minus its children's (root: 1 - sum of depth-1 path probabilities)."""
+    path_p = torch.ones(tree.num_nodes)
+    for i, p in enumerate(tree.paths, start=1):
+        path_p[i] = path_p[int(tree.parents[i])] * (accuracy[len(p) - 1][p[-1]] if p[-1] < len(accuracy[len(p) - 1]) else 0.0)
+    end = path_p.clone()
+    for i in range(1, tree.num_nodes):
+        end[int(tree.parents[i])] -= path_p[i]
+    return end.clamp(min=0)
+
+
+def likely_end_nodes(tree: TokenTree, accuracy: Sequence[Sequence[float]], count: int) -> list[int]:
+    """The `count` nodes most likely to end the accepted path (ascending node order): the ones
+    worth carrying pseudo rows when not every node can."""
+    if count >= tree.num_nodes:
+        return list(range(tree.num_nodes))
+    return sorted(torch.topk(end_probabilities(tree, accuracy), count).indices.tolist())

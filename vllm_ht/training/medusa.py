@@ -27,8 +27,9 @@ class MedusaHeads(nn.Module):
         z = torch.einsum("...d,ked->...ke", hidden, w) + b
         return hidden[..., None, :] + nn.functional.silu(z)
 
-    def save(self, path: str) -> None:
-        save_file({"weight": self.weight.detach().contiguous(), "bias": self.bias.detach().contiguous()}, path)
+    def save(self, path: str, dtype: str = "float32") -> None:
+        dt = getattr(torch, dtype)
+        save_file({"weight": self.weight.detach().to(dt).contiguous(), "bias": self.bias.detach().to(dt).contiguous()}, path)
 
     @classmethod
     def load(cls, path: str) -> "MedusaHeads":

@@ -55,6 +55,7 @@ class TrainConfig:
     save_every: int = 100
     seed: int = 0
     threads: int | None = None
+    save_dtype: str = "float16"              # projection storage in the shipped checkpoint
     extra: dict = field(default_factory=dict)
 
 
@@ -75,7 +76,7 @@ class Trainer:
         self.bb = Backbone(self.model)
         self.ht_config = HiddenTransferConfig.for_model(
             self.model.config, base_model=Path(cfg.model).name, num_steps=cfg.num_steps,
-            transfer_layers=cfg.transfer_layers, bias=cfg.bias)
+            transfer_layers=cfg.transfer_layers, bias=cfg.bias, dtype=cfg.save_dtype)
         self.projections = TransferProjections(self.ht_config)
         self.medusa = MedusaHeads(cfg.num_steps, self.ht_config.hidden_size) if cfg.medusa else None
         params = list(self.projections.parameters()) + (list(self.medusa.parameters()) if self.medusa else [])
@@ -141,7 +142,7 @@ class Trainer:
         self.ht_config.provenance = provenance
         save_checkpoint(self.out, self.ht_config, self.projections)
         if self.medusa is not None:
-            self.medusa.save(str(self.out / MEDUSA_FILE))
+            self.medusa.save(str(self.out / MEDUSA_FILE), dtype=self.ht_config.dtype)
         return self.out
 
     def run(self, progress: bool = True, resume: bool = True) -> Path:

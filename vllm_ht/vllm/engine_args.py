@@ -57,10 +57,10 @@ def check_model(model: str, opts: HTOptions) -> None:
 
 
 def ht_engine_kwargs(model: str, checkpoint: str | None = None, num_nodes: int | None = None,
-                     row_budget: int | None = None) -> dict:
+                     row_budget: int | None = None, pseudo_nodes: int | None = None) -> dict:
     """vLLM engine arguments that turn on Hidden Transfer (for `LLM(...)` / `EngineArgs(...)`)."""
     opts = HTOptions(checkpoint=str(Path(checkpoint).resolve()) if checkpoint else None, num_nodes=num_nodes,
-                     **({"row_budget": row_budget} if row_budget else {}))
+                     pseudo_nodes=pseudo_nodes, **({"row_budget": row_budget} if row_budget else {}))
     check_model(model, opts)
     return {"speculative_config": {"method": "custom_class", "model": "vllm_ht.vllm.proposer.HTProposer",
                                    "num_speculative_tokens": opts.max_nodes},

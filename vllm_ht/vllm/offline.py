@@ -21,7 +21,7 @@ def engine_kwargs(args) -> dict:
         from .engine_args import ht_engine_kwargs
 
         return ht_engine_kwargs(args.model, checkpoint=args.checkpoint, num_nodes=args.num_nodes,
-                                row_budget=args.row_budget)
+                                row_budget=args.row_budget, pseudo_nodes=args.pseudo_nodes)
     if args.method == "ngram":
         return {"speculative_config": {"method": "ngram", "num_speculative_tokens": 3,
                                        "prompt_lookup_max": 3, "prompt_lookup_min": 1}}
@@ -92,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint")
     p.add_argument("--num-nodes", type=int)
     p.add_argument("--row-budget", type=int)
+    p.add_argument("--pseudo-nodes", type=int, help="tree nodes carrying pseudo rows (default: all)")
     p.add_argument("--prompts", required=True)
     p.add_argument("--limit", type=int)
     p.add_argument("--max-tokens", type=int, default=64)

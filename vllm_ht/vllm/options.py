@@ -16,10 +16,15 @@ class HTOptions:
     checkpoint: str | None = None     # None -> identity projections (lossless, few accepted drafts)
     num_nodes: int | None = None      # fixed node budget; None -> chosen per step from the batch size
     row_budget: int = DEFAULT_ROW_BUDGET
+    # Tree nodes that carry k pseudo rows (the ones likeliest to end the accepted path); None ->
+    # every node. When the accepted node carries none, that request's next step has no drafts.
+    pseudo_nodes: int | None = None
 
     def __post_init__(self) -> None:
         if self.num_nodes is not None and not 0 <= self.num_nodes <= MAX_NODES:
             raise ValueError(f"--ht-num-nodes {self.num_nodes}: choose 0..{MAX_NODES}")
+        if self.pseudo_nodes is not None and self.pseudo_nodes < 1:
+            raise ValueError(f"pseudo_nodes={self.pseudo_nodes} must be >= 1 (or None for every node)")
         if self.row_budget < 1:
             raise ValueError(f"row_budget={self.row_budget} must be >= 1")
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ..tree import TokenTree, template_for_budget
+from ..tree import DEFAULT_ACCURACY, TokenTree, likely_end_nodes, template_for_budget
 from .options import HTOptions
 
 
@@ -18,6 +18,7 @@ class HTProposer:
         self.options = HTOptions.from_vllm_config(vllm_config)
         self.ht_config = None
         self._trees: dict[int, TokenTree] = {}
+        self._anchors: dict[TokenTree, list[int]] = {}
 
     def load_model(self, model) -> None:
         self.ht_config = getattr(model, "ht_config", None)
@@ -37,6 +38,14 @@ class HTProposer:
             self._trees[num_nodes] = template_for_budget(cfg.tree_templates, cfg.topr_accuracy, num_nodes,
                                                          cfg.num_steps)
         return self._trees[num_nodes]
+
+    def anchor_nodes(self, tree: TokenTree) -> list[int]:
+        """Nodes of `tree` that get pseudo rows (all, unless options.pseudo_nodes caps them)."""
+        if tree not in self._anchors:
+            count = self.options.pseudo_nodes or tree.num_nodes
+            accuracy = self.ht_config.topr_accuracy or DEFAULT_ACCURACY[: self.ht_config.num_steps]
+            self._anchors[tree] = likely_end_nodes(tree, accuracy, count)
+        return self._anchors[tree]
 
     def tree_for_batch(self, batch_size: int) -> TokenTree:
         return self.tree(self.options.nodes_for_batch(batch_size))

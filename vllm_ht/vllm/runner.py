@@ -85,7 +85,7 @@ class HTRunnerMixin:
                 tree = tree.prefix(len(drafts) + 1)   # the scheduler may cut drafts from the end
                 trees[i] = tree
                 new_pos[start : start + n] = positions[start] + tree.depths.to(positions.device)
-                anchors[i] = list(range(n))
+                anchors[i] = self.drafter.anchor_nodes(tree)
             elif self._wants_drafts(req_id):
                 finishes = batch.num_computed_tokens_cpu[i] + n >= batch.num_tokens_no_spec[i]
                 if finishes:  # partial prefill chunks sample nothing, so draft nothing
