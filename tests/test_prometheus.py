@@ -26,3 +26,17 @@ def test_mean_accepted_length_and_per_depth():
 
 def test_no_spec_decode_no_gauges():
     assert HTAcceptanceCollector().collect() == []
+
+
+def test_registering_does_not_deadlock():
+    """REGISTRY.register() asks for names under its lock; describe() answers without collecting."""
+    import threading
+
+    from vllm_ht.vllm.prometheus import HTAcceptanceCollector as C
+
+    collector = C()
+    t = threading.Thread(target=REGISTRY.register, args=(collector,), daemon=True)
+    t.start()
+    t.join(10)
+    assert not t.is_alive()
+    REGISTRY.unregister(collector)

@@ -47,6 +47,8 @@ def run(args) -> dict:
     from ..prompts import load_prompts
 
     prompts = load_prompts(args.prompts, args.limit)
+    if args.repeat:  # the same prompt many times: sampling statistics
+        prompts = prompts[:1] * args.repeat
     kw = engine_kwargs(args)
     kw.setdefault("enforce_eager", args.enforce_eager)
     t0 = time.perf_counter()
@@ -57,7 +59,8 @@ def run(args) -> dict:
 
     def params(i: int):
         return SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens, ignore_eos=args.ignore_eos,
-                              seed=None if args.seed is None else args.seed + i)
+                              seed=None if args.seed is None else args.seed + i, logprobs=args.logprobs,
+                              repetition_penalty=args.repetition_penalty)
 
     llm.chat(conversations[:1], SamplingParams(max_tokens=4), use_tqdm=False)  # warm-up, not timed
     runs = {}
@@ -103,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--seed", type=int)
     p.add_argument("--ignore-eos", action="store_true")
+    p.add_argument("--logprobs", type=int, help="request top logprobs (a chain-only feature: no drafts)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--repeat", type=int, help="use the first prompt this many times")
     p.add_argument("--enforce-eager", action="store_true")
     p.add_argument("--tensor-parallel-size", type=int, default=1)
     p.add_argument("--out", required=True)

@@ -22,6 +22,12 @@ class HTAcceptanceCollector:
     def __init__(self) -> None:
         self._busy = threading.local()  # REGISTRY.collect() calls us too: no recursion
 
+    def describe(self):
+        """Names only: REGISTRY.register() calls this under its lock (calling collect() there,
+        which reads the registry, would deadlock)."""
+        return [GaugeMetricFamily("vllm:ht_mean_accepted_length", ""),
+                GaugeMetricFamily("vllm:ht_acceptance_per_depth", "")]
+
     def collect(self):
         if getattr(self._busy, "on", False):
             return []

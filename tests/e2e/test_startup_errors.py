@@ -1,0 +1,82 @@
+"""Bad HT setups stop before vLLM allocates anything, with a message naming the fix."""
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from vllm_ht.checkpoint import save_checkpoint
+from vllm_ht.config import ConfigError, HiddenTransferConfig
+from vllm_ht.projections import TransferProjections
+from vllm_ht.vllm.engine_args import ht_engine_kwargs
+
+
+def _checkpoint(tmp_path: Path, **overrides) -> Path:
+    cfg = HiddenTransferConfig(**{"base_model": "other", "architecture": "LlamaForCausalLM", "num_hidden_layers": 30,
+                                  "hidden_size": 576, "vocab_size": 49152, **overrides})
+    save_checkpoint(tmp_path / "ck", cfg, TransferProjections(cfg))
+    return tmp_path / "ck"
+
+
+def test_missing_checkpoint(model_dir, tmp_path):
+    with pytest.raises(ConfigError, match="does not exist.*--ht-checkpoint"):
+        ht_engine_kwargs(str(model_dir), checkpoint=str(tmp_path / "nope"))
+
+
+def test_checkpoint_for_another_model(model_dir, tmp_path):
+    with pytest.raises(ConfigError, match="hidden_size=768 but the model has hidden_size=576.*vllm-ht train"):
+        ht_engine_kwargs(str(model_dir), checkpoint=str(_checkpoint(tmp_path, hidden_size=768)))
+    with pytest.raises(ConfigError, match="vocab_size=32000"):
+        ht_engine_kwargs(str(model_dir), checkpoint=str(_checkpoint(tmp_path, vocab_size=32000)))
+
+
+def test_transfer_layer_out_of_range(model_dir, tmp_path):
+    ck = _checkpoint(tmp_path)
+    cfg = json.loads((ck / "config.json").read_text())
+    cfg["transfer_layers"] = [15, 15, 31]
+    (ck / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConfigError, match=r"transfer_layers\[2\]=31 is out of range.*1\.\.29"):
+        ht_engine_kwargs(str(model_dir), checkpoint=str(ck))
+
+
+def test_corrupt_weights(model_dir, tmp_path):
+    ck = _checkpoint(tmp_path)
+    (ck / "projections.safetensors").write_bytes(b"junk")
+    with pytest.raises(ConfigError, match="corrupt"):
+        ht_engine_kwargs(str(model_dir), checkpoint=str(ck))
+
+
+def test_unsupported_architecture(model_dir, tmp_path):
+    fake = tmp_path / "gpt2ish"
+    fake.mkdir()
+    cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    cfg["architectures"], cfg["model_type"] = ["Qwen2ForCausalLM"], "qwen2"
+    (fake / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConfigError, match="Qwen2ForCausalLM; Hidden Transfer in vLLM supports LlamaForCausalLM"):
+        ht_engine_kwargs(str(fake))
+
+
+def test_vllm_serve_refuses_before_starting_the_engine(model_dir, tmp_path):
+    exe = shutil.which("vllm", path=str(Path(sys.executable).parent))
+    proc = subprocess.run([exe, "serve", str(model_dir), "--speculative-model", "hidden_transfer",
+                           "--ht-checkpoint", str(_checkpoint(tmp_path, hidden_size=768))],
+                          capture_output=True, text=True, timeout=180)
+    assert proc.returncode != 0
+    assert "vllm-ht: checkpoint hidden_size=768 but the model has hidden_size=576" in proc.stderr
+    assert "EngineCore" not in proc.stderr  # stopped in the API process, nothing was allocated
+
+
+def test_ht_flags_without_the_method_are_refused(model_dir, tmp_path):
+    exe = shutil.which("vllm", path=str(Path(sys.executable).parent))
+    proc = subprocess.run([exe, "serve", str(model_dir), "--ht-checkpoint", str(_checkpoint(tmp_path))],
+                          capture_output=True, text=True, timeout=180)
+    assert proc.returncode != 0 and "need --speculative-model hidden_transfer" in proc.stderr
+
+
+def test_identity_kwargs_shape(model_dir):
+    kw = ht_engine_kwargs(str(model_dir), num_nodes=4)
+    assert kw["speculative_config"]["method"] == "custom_class"
+    assert kw["speculative_config"]["num_speculative_tokens"] == 4
+    assert kw["hf_overrides"] == {"architectures": ["HTLlamaForCausalLM"]}
+    assert kw["additional_config"]["vllm_ht"]["checkpoint"] is None
