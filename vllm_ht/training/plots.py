@@ -15,15 +15,8 @@ def plot_depth_accuracy(results: dict, path: Path) -> Path:
         depths = list(range(1, r.num_steps + 1))
         ax.plot(depths, [r.topr(d, 1) for d in depths], marker="o", label=f"{name} top-1")
         ax.plot(depths, [r.topr(d, 5) for d in depths], marker="s", linestyle="--", label=f"{name} top-5")
-    ax.set_xlabel("depth (draft step)")
-    ax.set_ylabel("accuracy on held-out responses")
     ax.set_ylim(0, 1)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, ax, "depth (draft step)", "accuracy on held-out responses", path)
 
 
 def plot_layer_sweep(rows: dict, path: Path) -> Path:
@@ -31,8 +24,12 @@ def plot_layer_sweep(rows: dict, path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(6, 4))
     for s in range(2):
         ax.plot(layers, [rows[layer]["top1"][s] for layer in layers], marker="o", label=f"step {s + 1} top-1")
-    ax.set_xlabel("transfer layer")
-    ax.set_ylabel("top-1 accuracy (held-out)")
+    return _save(fig, ax, "transfer layer", "top-1 accuracy (held-out)", path)
+
+
+def _save(fig, ax, xlabel: str, ylabel: str, path: Path) -> Path:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
