@@ -1,0 +1,21 @@
+import torch
+
+from vllm_ht.training.evaluate import MAX_RANK, DraftEval
+
+
+def test_path_frequencies_templates_and_tau_by_hand():
+    # 4 anchors, k=2: rank tuples (0,0) (0,1) (1,0) (miss, -)
+    ev = DraftEval(torch.tensor([[0, 0], [0, 1], [1, 0], [MAX_RANK, 3]]))
+    assert ev.freq == {(0,): 0.5, (0, 0): 0.25, (0, 1): 0.25, (1,): 0.25, (1, 0): 0.25}
+    assert ev.topr(1, 1) == 0.5 and ev.topr(1, 2) == 0.75 and ev.topr(2, 1) == 2 / 4
+    assert ev.best_template(1) == [(0,)]
+    assert ev.expected_tau([(0,), (0, 0)]) == 1.75
+    assert ev.expected_tau(ev.best_template(5)) == 2.5     # every observed path
+    table = ev.conditional_accuracy()
+    assert table[0][:2] == [0.5, 0.25]
+    assert table[1][:2] == [round(2 / 3, 4), round(1 / 3, 4)]  # given depth 1 in reach (3 anchors)
+
+
+def test_anchor_without_target_is_ignored():
+    ev = DraftEval(torch.tensor([[0, -1], [-1, -1]]))
+    assert ev.topr(1, 1) == 1.0 and ev.topr(2, 1) == 0.0

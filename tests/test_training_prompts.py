@@ -1,0 +1,24 @@
+from vllm_ht.prompts import load_prompts
+from vllm_ht.training.distill import training_prompts
+from vllm_ht.training.prompts import build_prompts, dedupe, overlapping
+
+
+def test_training_set_is_large_distinct_and_disjoint_from_mt_bench():
+    from conftest import MT_BENCH
+
+    evals = load_prompts(MT_BENCH, turns="all")
+    assert len(evals) == 160
+    prompts = training_prompts(4000, evals)   # raises if anything overlaps
+    assert len(prompts) >= 4000 and len(set(prompts)) == len(prompts)
+    assert overlapping(prompts, evals) == []
+    assert build_prompts(50, seed=1) != build_prompts(50, seed=2)
+
+
+def test_overlap_check_catches_a_planted_prompt():
+    evals = ["Compose an engaging travel blog post about a recent trip to Hawaii, highlighting cultural experiences."]
+    train = ["Explain photosynthesis.", "Please compose an engaging travel blog post about a recent trip to Hawaii now"]
+    assert overlapping(train, evals) == [train[1]]
+
+
+def test_dedupe_ignores_case_and_punctuation():
+    assert dedupe(["Explain gravity.", "explain   GRAVITY", "Explain tides."]) == ["Explain gravity.", "Explain tides."]
