@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -90,6 +91,10 @@ def train_command(args: argparse.Namespace, model: str) -> int:
     prov = dict(trainer.ht_config.provenance, eval=metrics, wall_seconds=round(time.perf_counter() - t0, 1))
     trainer.export(prov)
     (Path(out) / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
+    from .report import render
+
+    (Path(out) / "README.md").write_text(render(Path(out), command="vllm-ht " + " ".join(sys.argv[1:])
+                                                if len(sys.argv) > 1 else None))
     print(json.dumps(metrics, indent=1))
     print(out)
     return 0
