@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from vllm_ht.training.evaluate import MAX_RANK, DraftEval
@@ -19,3 +20,11 @@ def test_path_frequencies_templates_and_tau_by_hand():
 def test_anchor_without_target_is_ignored():
     ev = DraftEval(torch.tensor([[0, -1], [-1, -1]]))
     assert ev.topr(1, 1) == 1.0 and ev.topr(2, 1) == 0.0
+
+
+def test_decoded_tau_replays_greedy_decoding():
+    # one sequence of 5 anchors; template {(0,), (0,0)}
+    ev = DraftEval(torch.tensor([[0, 0], [5, 5], [5, 5], [0, 3], [5, 5]]), seq_lens=[5])
+    # anchor 0 accepts 2 (emits 3) -> anchor 3 accepts 1 (emits 2) -> done: 5 tokens / 2 steps
+    assert ev.decoded_tau([(0,), (0, 0)]) == 2.5
+    assert ev.expected_tau([(0,), (0, 0)]) == pytest.approx(1 + 2 / 5 + 1 / 5)   # every position alike

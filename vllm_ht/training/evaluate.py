@@ -31,6 +31,7 @@ BUDGETS = (1, 2, 4, 8, 16, 32, 64)
 @dataclass
 class DraftEval:
     ranks: torch.Tensor                          # [anchors, k] long; MAX_RANK = miss, -1 = no target
+    seq_lens: list[int] | None = None            # anchors per sequence (rows of `ranks` in order)
     freq: dict[Path, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -71,6 +72,26 @@ class DraftEval:
     def expected_tau(self, paths: list[Path]) -> float:
         return 1.0 + sum(self.freq.get(tuple(p), 0.0) for p in paths)
 
+    def decoded_tau(self, paths: list[Path]) -> float:
+        """Greedy decoding replayed on the held-out sequences: from an anchor, the template accepts
+        as many drafts as it has paths that prefix the anchor's rank tuple (a); the next anchor is
+        a + 1 positions on. Unlike expected_tau, this visits only the positions decoding visits."""
+        have = {tuple(p) for p in paths}
+        steps = emitted = 0
+        start = 0
+        for n in self.seq_lens or [self.ranks.shape[0]]:
+            rows = self.ranks[start : start + n].tolist()
+            start += n
+            i = 0
+            while i < n:
+                a = 0
+                while a < len(rows[i]) and 0 <= rows[i][a] < MAX_RANK and tuple(rows[i][: a + 1]) in have:
+                    a += 1
+                steps += 1
+                emitted += a + 1
+                i += a + 1
+        return emitted / steps if steps else 0.0
+
     def calibrated_templates(self, budgets=BUDGETS) -> dict[int, list[list[int]]]:
         """Only budgets the data can fill (enough distinct observed paths)."""
         return {n: [list(p) for p in self.best_template(n)] for n in budgets if n <= len(self.freq)}
@@ -79,7 +100,9 @@ class DraftEval:
         return {"anchors": int(self.ranks.shape[0]),
                 "top1": [round(self.topr(d, 1), 4) for d in range(1, self.num_steps + 1)],
                 "top5": [round(self.topr(d, 5), 4) for d in range(1, self.num_steps + 1)],
-                "tau": {n: round(self.expected_tau(self.best_template(n)), 4) for n in budgets if n <= len(self.freq)}}
+                "tau": {n: round(self.expected_tau(self.best_template(n)), 4) for n in budgets if n <= len(self.freq)},
+                "decoded_tau": {n: round(self.decoded_tau(self.best_template(n)), 4)
+                                for n in budgets if n <= len(self.freq)}}
 
 
 Drafter = Callable[[object, torch.Tensor], torch.Tensor]  # (RealPass, anchors [B, A]) -> states [B, A, k, d]
@@ -99,6 +122,7 @@ def evaluate(bb: Backbone, config: HiddenTransferConfig, drafters: dict[str, Dra
     """Rank tuples of every drafter on every response anchor of `seqs` (one real pass per batch)."""
     k = config.num_steps
     ranks: dict[str, list[torch.Tensor]] = {name: [] for name in drafters}
+    seq_lens: list[int] = []
     for start in tqdm(range(0, len(seqs), batch_size), desc="eval drafts", disable=not progress):
         batch = collate(seqs[start : start + batch_size])
         real = real_pass(bb, batch.ids, config)
@@ -109,6 +133,7 @@ def evaluate(bb: Backbone, config: HiddenTransferConfig, drafters: dict[str, Dra
         anchors = (lo[:, None] + torch.arange(width)).clamp(max=batch.ids.shape[1] - 1)  # [B, A]
         in_range = anchors <= hi[:, None]
         valid = targets_valid(anchors, batch.lengths, k) & in_range[:, :, None]         # [B, A, k]
+        seq_lens += in_range.sum(1).tolist()
         tpos = (anchors[:, :, None] + torch.arange(k) + 2).clamp(max=batch.ids.shape[1] - 1)
         truth = batch.ids[torch.arange(batch.ids.shape[0])[:, None, None], tpos]        # [B, A, k]
         for name, drafter in drafters.items():
@@ -120,5 +145,5 @@ def evaluate(bb: Backbone, config: HiddenTransferConfig, drafters: dict[str, Dra
                 r[b] = (logits > true_logit).sum(-1).clamp(max=MAX_RANK)
             r[~valid] = -1
             ranks[name].append(r[in_range])
-    return {name: DraftEval(torch.cat(rs) if rs else torch.empty(0, k, dtype=torch.long))
+    return {name: DraftEval(torch.cat(rs) if rs else torch.empty(0, k, dtype=torch.long), seq_lens)
             for name, rs in ranks.items()}
