@@ -1,11 +1,14 @@
+from pathlib import Path
+
 from vllm_ht.prompts import load_prompts
 from vllm_ht.training.distill import training_prompts
 from vllm_ht.training.prompts import build_prompts, dedupe, overlapping
 
 
-def test_training_set_is_large_distinct_and_disjoint_from_mt_bench():
-    from conftest import MT_BENCH
+MT_BENCH = Path(__file__).resolve().parents[1] / "data" / "mt_bench_question.jsonl"
 
+
+def test_training_set_is_large_distinct_and_disjoint_from_mt_bench():
     evals = load_prompts(MT_BENCH, turns="all")
     assert len(evals) == 160
     prompts = training_prompts(4000, evals)   # raises if anything overlaps
