@@ -102,3 +102,7 @@ def test_weights_that_do_not_match_config(tmp_path):
     save_file({"weight": torch.zeros(2, 64, 64)}, str(tmp_path / WEIGHTS_FILE))
     with pytest.raises(ConfigError, match="do not belong together"):
         load_checkpoint(tmp_path)
+
+
+def test_joins_group_steps_by_transfer_layer():
+    assert HiddenTransferConfig(**SMOL, transfer_layers=[15, 15, 20]).joins == {15: [0, 1], 20: [2]}

@@ -103,6 +103,15 @@ class HiddenTransferConfig:
     def min_transfer_layer(self) -> int:
         return min(self.transfer_layers)
 
+    @property
+    def joins(self) -> dict[int, list[int]]:
+        """Module index -> the steps whose pseudo rows join there (transfer layer l: h^l is the
+        output of the first l layers, i.e. the input of module l). [15, 15, 20] -> {15: [0, 1], 20: [2]}"""
+        out: dict[int, list[int]] = {}
+        for s, layer in enumerate(self.transfer_layers):
+            out.setdefault(layer, []).append(s)
+        return out
+
     @classmethod
     def for_model(cls, model_config: Any, base_model: str = "", **kwargs: Any) -> "HiddenTransferConfig":
         """A config matching a HF `PretrainedConfig` (identity projections are built from it)."""

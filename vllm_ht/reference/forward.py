@@ -58,7 +58,7 @@ class HTForward:
         # pseudo rows are appended as their steps join: (anchor index into `anchors`, step s)
         p_anchor = torch.empty(0, dtype=torch.long, device=device)    # [Q]
         p_step = torch.empty(0, dtype=torch.long, device=device)      # [Q]
-        join = {} if anchors.numel() == 0 else self._joins()
+        join = {} if anchors.numel() == 0 else self.config.joins
         mask = self._mask(step.window_mask.to(device), anchors, p_anchor, p_step, cache.length)
         cos, sin = self.bb.rope(x[None], pos_real[None])
         for j in range(self.bb.num_layers):
@@ -79,13 +79,6 @@ class HTForward:
         if p_anchor.numel():
             pseudo[p_anchor, p_step] = self.bb.norm(x[num_real:])
         return StepOutput(real_logits=real_logits, real_hidden=real_hidden, pseudo_hidden=pseudo)
-
-    def _joins(self) -> dict[int, list[int]]:
-        """Module index -> steps joining there. transfer layer l means h^l = output of l layers."""
-        out: dict[int, list[int]] = {}
-        for s, layer in enumerate(self.config.transfer_layers):
-            out.setdefault(layer, []).append(s)
-        return out
 
     @staticmethod
     def _mask(window: torch.Tensor, anchors: torch.Tensor, p_anchor: torch.Tensor,

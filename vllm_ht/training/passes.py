@@ -54,9 +54,7 @@ def pseudo_pass(bb: Backbone, projections: TransferProjections, config: HiddenTr
     b, a = anchors.shape
     k_steps, t = config.num_steps, real.final.shape[1]
     batch = torch.arange(b)[:, None]
-    joins: dict[int, list[int]] = {}
-    for s, layer in enumerate(config.transfer_layers):
-        joins.setdefault(layer, []).append(s)
+    joins = config.joins
     rows_anchor = torch.empty(b, 0, dtype=torch.long)   # [B, Q] anchor position of each pseudo row
     rows_step = torch.empty(0, dtype=torch.long)        # [Q] its step
     x = None

@@ -43,9 +43,7 @@ class HTLlamaForCausalLM(LlamaForCausalLM):
         self.register_buffer("ht_weight", projections.weight.detach().clone(), persistent=False)  # [k, d, d]
         bias = projections.bias.detach().clone() if projections.bias is not None else None
         self.register_buffer("ht_bias", bias, persistent=False)  # [k, d] or None
-        self._joins: dict[int, list[int]] = {}
-        for s, layer in enumerate(self.ht_config.transfer_layers):
-            self._joins.setdefault(layer, []).append(s)
+        self._joins = self.ht_config.joins
 
     def project(self, stream: torch.Tensor, s: int) -> torch.Tensor:
         w = self.ht_weight[s].to(stream.dtype)

@@ -23,7 +23,6 @@ import kernels
 
 from ..verify import SamplingParams, verify_tree
 from .attention import STEP_KEY
-from .metrics import HTStats
 from .step import HTStep
 
 log = logging.getLogger(__name__)
@@ -48,7 +47,6 @@ class HTRunnerMixin:
 
     def _ht_setup(self) -> None:
         self.ht_trees: dict[str, object] = {}        # req_id -> TokenTree of its scheduled drafts
-        self.ht_stats = HTStats()
         self._ht_sched = None
         self._ht_step: HTStep | None = None
         self._ht_accepted: dict[int, list[int]] = {}  # request index -> accepted local rows
@@ -144,7 +142,6 @@ class HTRunnerMixin:
                 sampled[i] = -1
                 sampled[i, : len(res.emitted)] = torch.tensor(res.emitted, dtype=sampled.dtype)
                 self._ht_accepted[i] = res.accepted
-                self.ht_stats.record(res.num_accepted_drafts, tree.num_nodes - 1)
                 moves = [(ctx[i] + a, ctx[i] + j) for j, a in enumerate(res.accepted) if a != j]
                 src += [s for s, _ in moves]
                 dst += [d for _, d in moves]
@@ -169,8 +166,7 @@ class HTRunnerMixin:
         result: list[list[int]] = [[] for _ in range(num_reqs)]
         live = [i for i, toks in enumerate(sampled_token_ids) if toks]
         tree = drafter.tree_for_batch(len(live))
-        for req_id in list(self.ht_trees):
-            self.ht_trees.pop(req_id)
+        self.ht_trees.clear()
         if step is None or step.pseudo_hidden is None or tree.num_nodes <= 1:
             return result
         anchor_index = {(int(s), int(r)): a for a, (s, r) in enumerate(zip(step.anchor_seq, self._local_rows(step)))}
