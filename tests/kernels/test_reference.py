@@ -7,9 +7,11 @@ import kernels
 from kernels.reference import kv_compact_ref, tree_paged_attention_ref
 from kernels.testing import TOLERANCES, make_problem
 from kernels.tree_attention import tree_paged_attention
+from kernels.tree_attention_cpu import tree_paged_attention_cpu
 from kernels.window_mask import unpack_window_mask
 
-IMPLS = pytest.mark.parametrize("impl", [tree_paged_attention, tree_paged_attention_ref], ids=["triton", "ref"])
+IMPLS = pytest.mark.parametrize("impl", [tree_paged_attention, tree_paged_attention_ref, tree_paged_attention_cpu],
+                                ids=["triton", "ref", "cpu"])
 
 
 def row_by_row(problem) -> torch.Tensor:
@@ -47,9 +49,9 @@ def test_reference_matches_row_by_row_loop():
                                **TOLERANCES[torch.float32])
 
 
-def test_dispatchers_use_the_reference_on_cpu():
+def test_dispatchers_use_the_cpu_paths_on_cpu():
     problem = make_problem([3, 2], [18, 5], seed=12)
-    assert torch.equal(kernels.tree_paged_attention(*problem.args()), tree_paged_attention_ref(*problem.args()))
+    assert torch.equal(kernels.tree_paged_attention(*problem.args()), tree_paged_attention_cpu(*problem.args()))
     caches = [torch.randn(4, 2, 4, 16) for _ in range(2)]
     expected = [c.clone() for c in caches]
     args = (torch.tensor([[2, 0, 1]], dtype=torch.int32), torch.tensor([3, 6], dtype=torch.int32),

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as nnf
 
 from kernels.reference import tree_paged_attention_ref
+from kernels.tree_attention_cpu import tree_paged_attention_cpu
 from kernels.testing import TOLERANCES, make_problem
 from kernels.tree_attention import tree_paged_attention
 
@@ -63,7 +64,8 @@ def causal_oracle(problem, seq: int, path: list[int]) -> torch.Tensor:
     return out.transpose(0, 1)[ctx:]
 
 
-@pytest.mark.parametrize("impl", [tree_paged_attention, tree_paged_attention_ref], ids=["triton", "ref"])
+@pytest.mark.parametrize("impl", [tree_paged_attention, tree_paged_attention_ref, tree_paged_attention_cpu],
+                         ids=["triton", "ref", "cpu"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_rows_equal_causal_attention_over_their_path(impl, dtype):
     # Three sequences in one call: the chain (ctx 18), the tree + pseudo group (ctx 37), and the

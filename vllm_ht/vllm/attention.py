@@ -1,22 +1,25 @@
 """The HT attention backend: one plain KV layout and one attention op for every row kind.
 
-KV layout (owned by this backend on every platform): per layer [num_blocks, num_kv_heads,
-block_size, 2 * head_size], K || V on the last axis — vLLM's GPU layout. On CPU this replaces
-CPU_ATTN, whose cache is ISA-packed (K transposed, AMX tiles) and unreadable from torch.
+KV layout (owned by this backend on every platform): per layer the logical view [num_blocks,
+num_kv_heads, block_size, 2 * head_size], K || V on the last axis, over token-major memory
+(vLLM's LBNHC: [block][token][head][K||V]), so the CPU path gathers a sequence's context as one
+row copy per token. On CPU this replaces CPU_ATTN, whose cache is ISA-packed (K transposed, AMX
+tiles) and unreadable from torch.
 
 Every row attends to (a) its request's cached context (tokens before this step) and (b) this
-step's window under a bitmask (`kernels.tree_paged_attention`; Triton on CUDA, the torch
-reference on CPU). Plain requests get a causal window; tree requests the tree mask from the
+step's window under a bitmask (`kernels.tree_paged_attention`, Triton, on CUDA; on the CPU a
+`kernels.TreeAttentionPlan` built on the step's first layer and reused by the others). Plain requests get a causal window; tree requests the tree mask from the
 runner's HTStep; pseudo rows (see model.py) the anchor's mask plus their own group.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from vllm.forward_context import get_forward_context
 from vllm.v1.attention.backend import AttentionImpl, AttentionType
 from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend, CPUAttentionMetadataBuilder
+from vllm.v1.kv_cache_layout import KVCacheLayout
 
 import kernels
 
@@ -42,6 +45,22 @@ class HTAttentionMetadata:
     block_table: torch.Tensor       # [B, max_blocks] int32
     slot_mapping: torch.Tensor      # [T] int64
     causal_bits: torch.Tensor       # [T, words] int32: the causal window mask, for plain steps
+    # CPU attention plans of this step, by row set ("real", "joint"); one metadata object serves
+    # every layer of the step, so layer 0 builds a plan and the others reuse it.
+    plans: dict = field(default_factory=dict)
+
+
+def attend(md: HTAttentionMetadata, rows: str, query, kv_cache, query_start_loc, window_key, window_value,
+           window_mask, scale: float, out=None) -> torch.Tensor:
+    """Rows vs (cached context + this step's window keys); the window keys are the rows' own."""
+    args = (query, kv_cache, md.block_table, md.context_lens, query_start_loc, window_key, window_value,
+            query_start_loc, window_mask)
+    if query.is_cuda:
+        return kernels.tree_paged_attention(*args, scale, out=out)
+    plan = md.plans.get(rows)
+    if plan is None:
+        plan = md.plans[rows] = kernels.TreeAttentionPlan.build(*args, out)
+    return plan.run(query, kv_cache, window_key, window_value, scale, out)
 
 
 def build_metadata(common) -> HTAttentionMetadata:
@@ -90,10 +109,10 @@ class HTAttentionImpl(AttentionImpl):
         t = attn_metadata.num_actual_tokens
         step = current_step()
         bits = step.real_mask_bits if step is not None else attn_metadata.causal_bits
-        qsl = attn_metadata.query_start_loc
-        kernels.tree_paged_attention(
-            query[:t], kv_cache, attn_metadata.block_table, attn_metadata.context_lens, qsl,
-            key[:t], value[:t], qsl, bits.to(query.device), self.scale, out=output[:t])
+        attend(attn_metadata, "real", query[:t].view(t, self.num_heads, self.head_size), kv_cache,
+               attn_metadata.query_start_loc, key[:t].view(t, self.num_kv_heads, self.head_size),
+               value[:t].view(t, self.num_kv_heads, self.head_size), bits.to(query.device), self.scale,
+               out=output[:t].view(t, self.num_heads, self.head_size))
         return output
 
 
@@ -111,6 +130,10 @@ class HTCPUAttentionBackend(CPUAttentionBackend):
     """Registered under the CPU_ATTN name (CpuPlatform selects no other backend)."""
 
     supported_kv_cache_dtypes = ["auto"]
+
+    @classmethod
+    def supported_kv_cache_layouts(cls) -> tuple[KVCacheLayout, ...]:
+        return (KVCacheLayout.LBNHC,)   # token-major memory; see the module docstring
 
     @staticmethod
     def get_impl_cls():

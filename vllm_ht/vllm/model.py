@@ -16,12 +16,10 @@ import torch
 from vllm.forward_context import get_forward_context
 from vllm.model_executor.models.llama import LlamaForCausalLM
 
-import kernels
-
 from ..checkpoint import load_checkpoint
 from ..config import HiddenTransferConfig
 from ..projections import TransferProjections
-from .attention import current_step, write_kv
+from .attention import attend, current_step, write_kv
 from .options import HTOptions
 
 log = logging.getLogger(__name__)
@@ -101,8 +99,8 @@ class HTLlamaForCausalLM(LlamaForCausalLM):
         write_kv(kv_cache, k[:num_real], v[:num_real], md.slot_mapping)
         order = layout.order.to(q.device)
         start = layout.start_loc.to(q.device)
-        out = kernels.tree_paged_attention(q[order], kv_cache, md.block_table, md.context_lens, start,
-                                           k[order], v[order], start, layout.mask_bits.to(q.device), attn.scaling)
+        out = attend(md, "joint", q[order], kv_cache, start, k[order], v[order], layout.mask_bits.to(q.device),
+                     attn.scaling)
         out = out[layout.inverse.to(q.device)].reshape(n, -1)
         h, _ = attn.o_proj(out)
         h, residual = layer.post_attention_layernorm(h, residual)

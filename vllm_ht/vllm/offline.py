@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -66,11 +67,12 @@ def run(args) -> dict:
     runs = {}
     for batch_size in args.batch_sizes:
         before = spec_metrics(llm)
-        outputs, t1 = [], time.perf_counter()
+        outputs, latencies, t1 = [], [], time.perf_counter()
         for start in range(0, len(conversations), batch_size):
             chunk = conversations[start : start + batch_size]
             outs = llm.chat(chunk, [params(start + i) for i in range(len(chunk))], use_tqdm=False)
             outputs += [list(o.outputs[0].token_ids) for o in outs]
+            latencies += [_latency(o) for o in outs]
         seconds = time.perf_counter() - t1
         after = spec_metrics(llm)
         drafts = (after["num_drafts"] or 0) - (before["num_drafts"] or 0)
@@ -78,8 +80,27 @@ def run(args) -> dict:
         runs[batch_size] = {"outputs": outputs, "seconds": seconds, "output_tokens": sum(map(len, outputs)),
                             "mean_accepted_length": 1 + acc / drafts if drafts else None,
                             "num_drafts": drafts, "num_accepted": acc,
-                            "acceptance_per_depth": _depth_delta(before, after, drafts)}
+                            "acceptance_per_depth": _depth_delta(before, after, drafts),
+                            "ttft_ms": _mean([ttft for ttft, _ in latencies]),
+                            "tpot_ms": _mean([tpot for _, tpot in latencies])}
+        print(f"[offline] {args.method}: batch {batch_size} done", file=sys.stderr, flush=True)
     return {"method": args.method, "dtype": args.dtype, "startup_seconds": startup, "runs": runs}
+
+
+def _latency(output) -> tuple[float | None, float | None]:
+    """(time to first token, time per later output token) of one request, in ms, from vLLM's
+    per-request stats (engine-core timestamps)."""
+    m = getattr(output, "metrics", None)
+    if m is None or not getattr(m, "first_token_ts", 0):
+        return None, None
+    n = getattr(m, "num_generation_tokens", 0)
+    tpot = (m.last_token_ts - m.first_token_ts) / (n - 1) * 1000 if n > 1 else None
+    return m.first_token_latency * 1000, tpot
+
+
+def _mean(values) -> float | None:
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
 
 
 def _depth_delta(before: dict, after: dict, drafts: int) -> list[float]:

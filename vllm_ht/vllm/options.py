@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from .policy import StepCost
+
 KEY = "vllm_ht"
-# Rows (root + drafts) per step across the batch. The tree shrinks as the batch grows: a large
-# batch has no spare compute. 32 keeps the CPU verification pass near 1.2-1.4x a decode step.
+# Most tree rows (root + drafts) per step across the batch: a hard cap on top of the cost-based
+# policy (vllm_ht/vllm/policy.py), which usually picks far fewer.
 DEFAULT_ROW_BUDGET = 32
 MAX_NODES = 64
 
@@ -17,8 +19,13 @@ class HTOptions:
     num_nodes: int | None = None      # fixed node budget; None -> chosen per step from the batch size
     row_budget: int = DEFAULT_ROW_BUDGET
     # Tree nodes that carry k pseudo rows (the ones likeliest to end the accepted path); None ->
-    # every node. When the accepted node carries none, that request's next step has no drafts.
+    # chosen with the tree by the policy. When the accepted node carries none, that request's
+    # next step has no drafts.
     pseudo_nodes: int | None = None
+    # What extra rows cost on this hardware, in units of a 1-request decode step (policy.StepCost)
+    row_cost: float = StepCost.row
+    pseudo_row_cost: float = StepCost.pseudo_row
+    step_overhead: float = StepCost.fixed
 
     def __post_init__(self) -> None:
         if self.num_nodes is not None and not 0 <= self.num_nodes <= MAX_NODES:
@@ -27,6 +34,11 @@ class HTOptions:
             raise ValueError(f"pseudo_nodes={self.pseudo_nodes} must be >= 1 (or None for every node)")
         if self.row_budget < 1:
             raise ValueError(f"row_budget={self.row_budget} must be >= 1")
+        StepCost(self.row_cost, self.pseudo_row_cost, self.step_overhead)   # validates
+
+    @property
+    def cost(self) -> StepCost:
+        return StepCost(self.row_cost, self.pseudo_row_cost, self.step_overhead)
 
     @property
     def max_nodes(self) -> int:
@@ -35,16 +47,9 @@ class HTOptions:
             return max(self.num_nodes, 1)
         return min(MAX_NODES, max(self.row_budget - 1, 1))
 
-    def nodes_for_batch(self, batch_size: int) -> int:
-        """Node budget for a step with `batch_size` requests: a power of two with
-        (N + 1) * batch_size <= row_budget (0 once even a 1-node tree does not fit)."""
-        if self.num_nodes is not None:
-            return self.num_nodes
-        n = 0
-        for cand in (1, 2, 4, 8, 16, 32, 64):
-            if (cand + 1) * max(batch_size, 1) <= self.row_budget and cand <= self.max_nodes:
-                n = cand
-        return n
+    def max_nodes_for_batch(self, batch_size: int) -> int:
+        """Largest node budget N with (N + 1) * batch_size <= row_budget (0: not even one draft)."""
+        return max(0, min(self.max_nodes, self.row_budget // max(batch_size, 1) - 1))
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -1,24 +1,29 @@
 """HTProposer: the `custom_class` drafter vLLM builds; it owns the tree policy.
 
 vLLM hands custom proposers token ids only, so drafting happens in the HT model runner, which
-has the pseudo rows; it asks this object which tree to use and turns pseudo logits into the
-flattened draft list. Called through vLLM's stock `propose()` (i.e. without the HT worker), it
+has the pseudo rows; it asks this object for the step's DraftPlan (tree + anchor nodes, by batch
+size: vllm_ht/vllm/policy.py) and turns pseudo logits into the flattened draft list. Called through vLLM's stock `propose()` (i.e. without the HT worker), it
 refuses with the fix.
 """
 from __future__ import annotations
 
 import torch
 
+import logging
+
 from ..tree import DEFAULT_ACCURACY, TokenTree, likely_end_nodes, template_for_budget
 from .options import HTOptions
+from .policy import DraftPlan, best_plan, no_drafts, predicted_speedup
+
+log = logging.getLogger(__name__)
 
 
 class HTProposer:
     def __init__(self, vllm_config):
         self.options = HTOptions.from_vllm_config(vllm_config)
         self.ht_config = None
-        self._trees: dict[int, TokenTree] = {}
-        self._anchors: dict[TokenTree, list[int]] = {}
+        self._plans: dict[int, DraftPlan] = {}            # batch size -> plan
+        self._anchors: dict[TokenTree, list[int]] = {}     # tree (or a scheduled prefix) -> anchor nodes
 
     def load_model(self, model) -> None:
         self.ht_config = getattr(model, "ht_config", None)
@@ -32,23 +37,45 @@ class HTProposer:
                            "--speculative-model hidden_transfer (or --worker-cls vllm_ht.vllm.worker.HTCPUWorker "
                            "/ HTGPUWorker).")
 
-    def tree(self, num_nodes: int) -> TokenTree:
-        if num_nodes not in self._trees:
-            cfg = self.ht_config
-            self._trees[num_nodes] = template_for_budget(cfg.tree_templates, cfg.topr_accuracy, num_nodes,
-                                                         cfg.num_steps)
-        return self._trees[num_nodes]
+    @property
+    def accuracy(self) -> list[list[float]]:
+        cfg = self.ht_config
+        table = list(cfg.topr_accuracy or [])[: cfg.num_steps]
+        return table + DEFAULT_ACCURACY[len(table) : cfg.num_steps]
 
-    def anchor_nodes(self, tree: TokenTree) -> list[int]:
-        """Nodes of `tree` that get pseudo rows (all, unless options.pseudo_nodes caps them)."""
-        if tree not in self._anchors:
-            count = self.options.pseudo_nodes or tree.num_nodes
-            accuracy = self.ht_config.topr_accuracy or DEFAULT_ACCURACY[: self.ht_config.num_steps]
-            self._anchors[tree] = likely_end_nodes(tree, accuracy, count)
-        return self._anchors[tree]
+    def plan_for_batch(self, batch_size: int) -> DraftPlan:
+        """The tree and anchors for a step with `batch_size` sampling requests (cached per size)."""
+        if batch_size not in self._plans:
+            self._plans[batch_size] = plan = self._make_plan(batch_size)
+            self._anchors[plan.tree] = list(plan.anchors)
+            log.info("vllm-ht: batch %d -> %d draft nodes, %d with pseudo rows (predicted %.2fx vs plain)",
+                     batch_size, plan.tree.num_nodes - 1, len(plan.anchors), plan.speedup)
+        return self._plans[batch_size]
+
+    def _make_plan(self, batch_size: int) -> DraftPlan:
+        opts, cfg = self.options, self.ht_config
+        cap = opts.max_nodes_for_batch(batch_size)
+        if opts.num_nodes is None:
+            return best_plan(batch_size, self.accuracy, cfg.tree_templates, cfg.num_steps, opts.cost,
+                             max_nodes=cap, pseudo_nodes=opts.pseudo_nodes)
+        if opts.num_nodes == 0:
+            return no_drafts()
+        tree = template_for_budget(cfg.tree_templates, cfg.topr_accuracy, opts.num_nodes, cfg.num_steps)
+        anchors = tuple(likely_end_nodes(tree, self.accuracy, opts.pseudo_nodes or tree.num_nodes))
+        speedup, tokens = predicted_speedup(tree, anchors, self.accuracy, cfg.num_steps, batch_size, opts.cost)
+        return DraftPlan(tree=tree, anchors=anchors, speedup=speedup, tokens_per_step=tokens)
 
     def tree_for_batch(self, batch_size: int) -> TokenTree:
-        return self.tree(self.options.nodes_for_batch(batch_size))
+        return self.plan_for_batch(batch_size).tree
+
+    def anchor_nodes(self, tree: TokenTree) -> list[int]:
+        """Nodes of a scheduled tree that get pseudo rows: the plan's anchors, or for a prefix the
+        scheduler cut from a planned tree, as many of its likeliest end nodes."""
+        if tree not in self._anchors:
+            count = max((len(p.anchors) for p in self._plans.values() if p.tree.num_nodes >= tree.num_nodes),
+                        default=tree.num_nodes)
+            self._anchors[tree] = likely_end_nodes(tree, self.accuracy, max(count, 1))
+        return self._anchors[tree]
 
     @staticmethod
     def drafts(tree: TokenTree, root_token: int, pseudo_logits: torch.Tensor) -> list[int]:

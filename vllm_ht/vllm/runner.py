@@ -73,7 +73,7 @@ class HTRunnerMixin:
         so, batch = self._ht_sched, self.input_batch
         req_ids = batch.req_ids[: batch.num_reqs]
         q_lens = [so.num_scheduled_tokens[r] for r in req_ids]
-        trees, anchors = {}, {}
+        trees, last_rows = {}, {}
         new_pos = positions.clone()
         start = 0
         for i, (req_id, n) in enumerate(zip(req_ids, q_lens)):
@@ -83,12 +83,13 @@ class HTRunnerMixin:
                 tree = tree.prefix(len(drafts) + 1)   # the scheduler may cut drafts from the end
                 trees[i] = tree
                 new_pos[start : start + n] = positions[start] + tree.depths.to(positions.device)
-                anchors[i] = self.drafter.anchor_nodes(tree)
-            elif self._wants_drafts(req_id):
-                finishes = batch.num_computed_tokens_cpu[i] + n >= batch.num_tokens_no_spec[i]
-                if finishes:  # partial prefill chunks sample nothing, so draft nothing
-                    anchors[i] = [n - 1]
+            elif batch.num_computed_tokens_cpu[i] + n >= batch.num_tokens_no_spec[i]:
+                last_rows[i] = n - 1                  # samples this step (partial prefill chunks do not)
             start += n
+        anchors = {}
+        if self.drafter.plan_for_batch(len(trees) + len(last_rows)).drafts:   # else: no pseudo rows at all
+            anchors = {i: self.drafter.anchor_nodes(tree) for i, tree in trees.items()}
+            anchors.update({i: [row] for i, row in last_rows.items() if self._wants_drafts(req_ids[i])})
         return HTStep.build(q_lens, trees, anchors), new_pos
 
     def _model_forward(self, input_ids=None, positions=None, intermediate_tensors=None,
