@@ -126,6 +126,7 @@ def plot(rows: list[dict], meta: dict, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     for method in dict.fromkeys(r["method"] for r in rows):
@@ -141,6 +142,7 @@ def plot(rows: list[dict], meta: dict, path: Path) -> None:
     left.set(xlabel="batch size (concurrent requests)", ylabel="output tokens/s vs plain vLLM",
              title=f"speedup ({meta['dtype']}, {meta['hardware']['gpu'] or 'CPU'})")
     right.set(xlabel="draft depth", ylabel="accepted drafts per verification step", title="acceptance per depth")
+    right.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     for ax in (left, right):
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
@@ -200,7 +202,7 @@ def main(argv=None) -> None:
     with tempfile.TemporaryDirectory(prefix="vllm-ht-bench-") as tmp, \
             tqdm(total=len(methods) * len(args.batch_sizes), desc="benchmark", unit="run") as bar:
         for method in methods:
-            bar.set_postfix_str(f"{method} (engine start-up)")
+            bar.set_postfix_str(method)
             results[method] = run_method(args, method, Path(tmp), bar)
     rows = rows_from(results, args.batch_sizes)
     meta = environment(args)

@@ -42,7 +42,8 @@ class TreeAttentionPlan:
     row_grid: torch.Tensor       # [T] long, flat index of each query row in the [S, R] grid
     mask: torch.Tensor           # [S, 1, R, C + W] bool, True = visible
     blind_rows: torch.Tensor     # [T] bool, rows that see no key (output zeros)
-    dense_rows: bool             # one sequence: query rows are the grid as they are
+    dense_rows: bool             # every sequence has R rows: the query rows are the grid as they are
+    any_blind: bool              # some row sees no key
 
     @classmethod
     def build(cls, query, kv_cache, block_table, context_lens, query_start_loc, window_key, window_value,
@@ -90,7 +91,7 @@ class TreeAttentionPlan:
         return cls(num_rows=dims.num_rows, num_window=window_key.shape[0], block_size=bs,
                    ctx_block=ctx_block, ctx_offset=ctx_offset, window_rows=window_rows, row_grid=row_grid,
                    mask=mask.view(num_seqs, 1, rows_max, ctx_max + win_max), blind_rows=blind[row_grid],
-                   dense_rows=num_seqs == 1 and dims.num_rows == rows_max)
+                   dense_rows=dims.num_rows == num_seqs * rows_max, any_blind=bool(blind[row_grid].any()))
 
     def run(self, query: torch.Tensor, kv_cache: torch.Tensor, window_key: torch.Tensor,
             window_value: torch.Tensor, scale: float, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -106,8 +107,8 @@ class TreeAttentionPlan:
         if self.window_rows.shape[1]:
             kv[:, ctx_len:, :, :head_dim] = window_key[self.window_rows]
             kv[:, ctx_len:, :, head_dim:] = window_value[self.window_rows]
-        if self.dense_rows:          # one sequence, no padding: the rows are the grid
-            q = query.unsqueeze(0).transpose(1, 2)                                   # [1, H, T, D]
+        if self.dense_rows:          # no padding rows (e.g. a decode batch, R = 1): the rows are the grid
+            q = query.view(num_seqs, rows_max, num_heads, head_dim).transpose(1, 2)  # [S, H, R, D]
         else:
             grid = query.new_zeros(num_seqs * rows_max, num_heads, head_dim)
             grid[self.row_grid] = query
@@ -116,8 +117,10 @@ class TreeAttentionPlan:
         o = F.scaled_dot_product_attention(q, kv[..., :head_dim], kv[..., head_dim:], attn_mask=self.mask,
                                            scale=scale, enable_gqa=num_heads != kv.shape[1])  # [S, H, R, D]
         o = o.transpose(1, 2)
-        result = o[0] if self.dense_rows else o.reshape(num_seqs * rows_max, num_heads, head_dim)[self.row_grid]
-        if self.blind_rows.any():
+        result = o.reshape(num_seqs * rows_max, num_heads, head_dim)
+        if not self.dense_rows:
+            result = result[self.row_grid]
+        if self.any_blind:
             result = result.clone()
             result[self.blind_rows] = 0
         if out is None:

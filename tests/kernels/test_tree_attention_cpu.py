@@ -12,6 +12,8 @@ SHAPES = [
     pytest.param([1, 5, 129], [1, 18, 463], None, id="odd-rows-and-contexts"),
     pytest.param([17, 1, 3], [1328, 0, 33], [17, 1, 40], id="long-context-wide-window"),
     pytest.param([4, 0, 2], [5, 9, 0], [4, 3, 0], id="empty-sequence-and-empty-window"),
+    pytest.param([1, 1, 1, 1], [7, 300, 0, 33], None, id="decode-batch-no-padding-rows"),
+    pytest.param([3, 3], [18, 2], None, id="equal-trees-no-padding-rows"),
 ]
 
 

@@ -120,10 +120,16 @@ def write_kv(kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slo
     """key/value [T, Hkv, hd] -> slots (slot = block * block_size + offset; -1 = padding, skipped)."""
     t = slot_mapping.shape[0]
     slots = slot_mapping.long()
-    keep = slots >= 0
-    bs = kv_cache.shape[2]
-    blk, off = slots[keep] // bs, slots[keep] % bs
-    kv_cache[blk, :, off] = torch.cat([key[:t][keep], value[:t][keep]], dim=-1).to(kv_cache.dtype)
+    rows = torch.cat([key[:t], value[:t]], dim=-1).to(kv_cache.dtype)       # [T, Hkv, 2 hd]
+    if bool((slots < 0).any()):
+        keep = slots >= 0
+        slots, rows = slots[keep], rows[keep]
+    tokens = kv_cache.transpose(1, 2)                                       # [blocks, block_size, Hkv, 2 hd]
+    if tokens.is_contiguous():   # token-major memory (our layout): one row copy per token
+        tokens.view(-1, *tokens.shape[2:]).index_copy_(0, slots, rows)
+    else:
+        bs = kv_cache.shape[2]
+        kv_cache[slots // bs, :, slots % bs] = rows
 
 
 class HTCPUAttentionBackend(CPUAttentionBackend):
