@@ -46,7 +46,8 @@ def server(model_dir, tmp_path_factory):
     log = tmp_path_factory.mktemp("server") / "server.log"
     cmd = _vllm_command() + ["serve", str(model_dir), "--speculative-model", "hidden_transfer",
                              "--ht-checkpoint", str(trained_checkpoint()), "--dtype", "float32",
-                             "--host", "127.0.0.1", "--port", str(port), "--max-model-len", "2048"]
+                             "--host", "127.0.0.1", "--port", str(port), "--max-model-len", "2048",
+                             "--per-request-spec-decode-metrics", "summary"]
     env = {**os.environ, "VLLM_CPU_NUM_OF_RESERVED_CPU": "0", "VLLM_HOST_IP": "127.0.0.1",
            "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
     with open(log, "w") as fh:
@@ -149,6 +150,17 @@ def test_bad_request_is_a_4xx_and_the_server_keeps_serving(server, plain_texts):
         _post(base + "/v1/chat/completions", {"model": model, "messages": "not a list", "max_tokens": 4})
     assert 400 <= e.value.code < 500
     assert _chat(base, model, PROMPTS[0])["choices"][0]["message"]["content"] == plain_texts[0]
+
+
+def test_each_response_reports_its_acceptance(server):
+    """vLLM's --per-request-spec-decode-metrics: every HT response carries its own drafts and
+    acceptance (`metrics.speculative_decoding`), consistent with its length."""
+    base, model = server
+    stats = [_chat(base, model, p)["metrics"]["speculative_decoding"] for p in PROMPTS]
+    for s in stats:
+        assert s["num_spec_steps"] > 0 and s["num_draft_tokens"] >= s["num_accepted_draft_tokens"] >= 0
+        assert s["mean_acceptance_length"] == pytest.approx(1 + s["num_accepted_draft_tokens"] / s["num_spec_steps"])
+    assert sum(s["num_accepted_draft_tokens"] for s in stats) > 0
 
 
 def test_metrics_report_drafts_and_acceptance(server):

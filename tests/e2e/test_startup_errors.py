@@ -74,6 +74,15 @@ def test_ht_flags_without_the_method_are_refused(model_dir, tmp_path):
     assert proc.returncode != 0 and "need --speculative-model hidden_transfer" in proc.stderr
 
 
+def test_pipeline_parallelism_is_refused_at_startup(model_dir):
+    exe = shutil.which("vllm", path=str(Path(sys.executable).parent))
+    proc = subprocess.run([exe, "serve", str(model_dir), "--speculative-model", "hidden_transfer",
+                           "--pipeline-parallel-size", "2"], capture_output=True, text=True, timeout=180)
+    assert proc.returncode != 0
+    assert "does not support pipeline parallelism" in proc.stderr and "--pipeline-parallel-size 1" in proc.stderr
+    assert "EngineCore" not in proc.stderr
+
+
 def test_identity_kwargs_shape(model_dir):
     kw = ht_engine_kwargs(str(model_dir), num_nodes=4)
     assert kw["speculative_config"]["method"] == "custom_class"

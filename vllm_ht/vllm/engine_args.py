@@ -24,6 +24,9 @@ from .options import KEY, HTOptions
 METHOD = "hidden_transfer"
 VLLM_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")  # the HT model class builds on vLLM's Llama
 HT_ARCH = "HTLlamaForCausalLM"
+PP_UNSUPPORTED = ("Hidden Transfer does not support pipeline parallelism: the pseudo rows join at the transfer "
+                  "layer and need every layer above it on the same stage. Use --pipeline-parallel-size 1 "
+                  "(tensor parallelism is the way to split the model), or serve without --speculative-model.")
 
 
 def worker_cls() -> str:
@@ -90,6 +93,8 @@ def expand_namespace(args: argparse.Namespace) -> None:
         return
     if getattr(args, "speculative_config", None):
         sys.exit("vllm-ht: give either --speculative-model hidden_transfer or --speculative-config, not both")
+    if (getattr(args, "pipeline_parallel_size", 1) or 1) > 1:
+        sys.exit(f"vllm-ht: {PP_UNSUPPORTED}")
     try:
         kw = ht_engine_kwargs(args.model, args.ht_checkpoint, args.ht_num_nodes)
     except (ConfigError, ValueError) as e:

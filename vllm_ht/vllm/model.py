@@ -17,9 +17,10 @@ from vllm.forward_context import get_forward_context
 from vllm.model_executor.models.llama import LlamaForCausalLM
 
 from ..checkpoint import load_checkpoint
-from ..config import HiddenTransferConfig
+from ..config import ConfigError, HiddenTransferConfig
 from ..projections import TransferProjections
 from .attention import attend, current_step, write_kv
+from .engine_args import PP_UNSUPPORTED
 from .options import HTOptions
 
 log = logging.getLogger(__name__)
@@ -27,6 +28,8 @@ log = logging.getLogger(__name__)
 
 class HTLlamaForCausalLM(LlamaForCausalLM):
     def __init__(self, *, vllm_config, prefix: str = ""):
+        if vllm_config.parallel_config.pipeline_parallel_size > 1:
+            raise ConfigError(PP_UNSUPPORTED)
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         hf_config = vllm_config.model_config.hf_config
         opts = HTOptions.from_vllm_config(vllm_config)
