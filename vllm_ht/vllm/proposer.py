@@ -45,6 +45,7 @@ class HTProposer:
 
     def plan_for_batch(self, batch_size: int) -> DraftPlan:
         """The tree and anchors for a step with `batch_size` sampling requests (cached per size)."""
+        batch_size = max(batch_size, 1)
         if batch_size not in self._plans:
             self._plans[batch_size] = plan = self._make_plan(batch_size)
             self._anchors[plan.tree] = list(plan.anchors)

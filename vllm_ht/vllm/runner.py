@@ -21,6 +21,7 @@ from vllm.forward_context import get_forward_context
 
 import kernels
 
+from ..tree import TokenTree
 from ..verify import SamplingParams, verify_tree
 from .attention import STEP_KEY
 from .step import HTStep
@@ -46,7 +47,7 @@ class HTRunnerMixin:
     """Mixed into GPUModelRunner / CPUModelRunner (V1). State lives in explicit attributes."""
 
     def _ht_setup(self) -> None:
-        self.ht_trees: dict[str, object] = {}        # req_id -> TokenTree of its scheduled drafts
+        self.ht_trees: dict[str, tuple] = {}         # req_id -> (TokenTree, draft tokens) we proposed
         self._ht_sched = None
         self._ht_step: HTStep | None = None
         self._ht_accepted: dict[int, list[int]] = {}  # request index -> accepted local rows
@@ -78,10 +79,8 @@ class HTRunnerMixin:
         start = 0
         for i, (req_id, n) in enumerate(zip(req_ids, q_lens)):
             drafts = so.scheduled_spec_decode_tokens.get(req_id) or []
-            tree = self.ht_trees.get(req_id)
-            if drafts and tree is not None:
-                tree = tree.prefix(len(drafts) + 1)   # the scheduler may cut drafts from the end
-                trees[i] = tree
+            if drafts:
+                trees[i] = tree = self._scheduled_tree(req_id, drafts)
                 new_pos[start : start + n] = positions[start] + tree.depths.to(positions.device)
             elif batch.num_computed_tokens_cpu[i] + n >= batch.num_tokens_no_spec[i]:
                 last_rows[i] = n - 1                  # samples this step (partial prefill chunks do not)
@@ -91,6 +90,20 @@ class HTRunnerMixin:
             anchors = {i: self.drafter.anchor_nodes(tree) for i, tree in trees.items()}
             anchors.update({i: [row] for i, row in last_rows.items() if self._wants_drafts(req_ids[i])})
         return HTStep.build(q_lens, trees, anchors), new_pos
+
+    def _scheduled_tree(self, req_id: str, drafts: list[int]) -> TokenTree:
+        """The tree of a request's scheduled drafts: the one we proposed, cut to what the scheduler
+        kept (it trims from the end); drafts we did not propose are verified as a plain chain."""
+        tree, proposed = self.ht_trees.get(req_id, (None, None))
+        if tree is not None and len(drafts) < tree.num_nodes and list(drafts) == list(proposed[: len(drafts)]):
+            return tree.prefix(len(drafts) + 1)
+        return TokenTree.from_paths([[0] * d for d in range(1, len(drafts) + 1)])
+
+    def _input_fits_in_drafter(self, *args, **kwargs) -> bool:
+        # vLLM asks whether a separate draft model could take the sequence; near max_model_len it
+        # then schedules placeholder drafts of zeros. HT drafts come from this step's own pseudo
+        # rows, and the scheduler already trims drafts to the context end.
+        return True
 
     def _model_forward(self, input_ids=None, positions=None, intermediate_tensors=None,
                        inputs_embeds=None, **model_kwargs):
@@ -183,7 +196,7 @@ class HTRunnerMixin:
         logits = self.model.compute_logits(pseudo.flatten(0, 1)).view(len(picks), pseudo.shape[1], -1)
         for (i, _), lg in zip(picks, logits):
             result[i] = drafter.drafts(tree, sampled_token_ids[i][-1], lg)
-            self.ht_trees[self.input_batch.req_ids[i]] = tree
+            self.ht_trees[self.input_batch.req_ids[i]] = (tree, result[i])
         return result
 
     @staticmethod

@@ -1,0 +1,137 @@
+"""The HT server under load, cancellations, context limits, KV-cache pressure and bad input
+(`pytest -m reliability`; in the default run too). Real `vllm serve` processes on 127.0.0.1, fp32
+(greedy identity with plain vLLM is exact only there), the shipped checkpoint."""
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from vllm_ht.loadtest import LoadRequest, Server, mixed_workload, run_load
+
+pytestmark = pytest.mark.reliability
+
+REPO = Path(__file__).resolve().parents[2]
+CHECKPOINT = REPO / "checkpoints" / "smollm2-135m-instruct"
+PROMPTS = [json.loads(line)["prompt"] for line in (REPO / "benchmarks" / "prompts.jsonl").read_text().splitlines()[:16]]
+MAX_LEN = 512
+COMMON = ["--dtype", "float32", "--enforce-eager", "--max-model-len", str(MAX_LEN)]
+HT = ["--speculative-model", "hidden_transfer", "--ht-checkpoint", str(CHECKPOINT)]
+KV = {"VLLM_CPU_KVCACHE_SPACE": "1"}
+LONG = "Tell me more about the history of the bicycle and how it changed over time. " * 30   # ~500 tokens
+
+
+def _post(base: str, body, timeout: float = 300) -> dict:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    req = urllib.request.Request(base + "/v1/chat/completions", data=data, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        return json.loads(r.read())
+
+
+def _greedy(prompt: str, max_tokens: int | None) -> LoadRequest:
+    return LoadRequest(prompt=prompt, max_tokens=max_tokens, stream=False)
+
+
+def _texts(base: str, model: str, requests: list[LoadRequest]) -> list[str]:
+    results, summary = run_load(base, model, requests)
+    assert summary.failed == 0, summary.errors
+    return [r.text for r in results]
+
+
+WORKLOAD = mixed_workload(PROMPTS, count=64, cancel_share=0.25, seed=0)
+GREEDY = sorted({(r.prompt, r.max_tokens) for r in WORKLOAD if r.temperature == 0})
+FILL = " Please answer in detail, step by step, with one concrete example for each point you make." * 2
+PRESSURE = [_greedy(p + FILL, 64) for p in PROMPTS[:12]]   # 76-87-token prompts: decoding crosses a 128-token block
+NEAR_END = [_greedy(LONG[: 1800], None), _greedy(LONG[: 1700], None)]   # no max_tokens: run to the context end
+
+
+@pytest.fixture(scope="module")
+def model(model_dir) -> str:
+    return str(model_dir)
+
+
+@pytest.fixture(scope="module")
+def plain(model, tmp_path_factory) -> dict:
+    """Plain vLLM's greedy texts for every greedy request of the tests below (same server flags)."""
+    with Server(model, COMMON, tmp_path_factory.mktemp("plain") / "server.log", env=KV) as s:
+        wanted = [_greedy(p, n) for p, n in GREEDY] + NEAR_END + PRESSURE
+        texts = _texts(s.base, model, wanted)
+    g, e = len(GREEDY), len(GREEDY) + len(NEAR_END)
+    return {"load": dict(zip(GREEDY, texts[:g])), "near_end": texts[g:e], "pressure": texts[e:]}
+
+
+@pytest.fixture(scope="module")
+def ht(model, tmp_path_factory):
+    with Server(model, COMMON + HT, tmp_path_factory.mktemp("ht") / "server.log", env=KV) as s:
+        yield s
+
+
+def test_64_concurrent_streams_with_cancellations(ht, model, plain):
+    results, summary = run_load(ht.base, model, WORKLOAD)
+    print("\n64 concurrent streaming chats:", summary.line())
+    assert summary.failed == 0, summary.errors[:5]
+    assert summary.completed + summary.cancelled == len(WORKLOAD)   # none lost
+    assert summary.cancelled >= 8                                   # the cancellations really happened
+    greedy_done = [r for r in results if r.status == "completed" and r.request.temperature == 0]
+    assert len(greedy_done) >= 16
+    for r in greedy_done:
+        assert r.text == plain["load"][(r.request.prompt, r.request.max_tokens)], r.request
+    # the server is fine afterwards: a fresh greedy request still equals plain vLLM
+    again = _texts(ht.base, model, [_greedy(*GREEDY[0])])
+    assert again == [plain["load"][GREEDY[0]]]
+
+
+def test_context_end_with_trees_in_flight(ht, model, plain):
+    """Prompts a few dozen tokens short of max_model_len and no max_tokens: decoding runs into the
+    context end while drafts are scheduled; the scheduler cuts them and the output equals plain."""
+    got = [_post(ht.base, {"model": model, "messages": [{"role": "user", "content": r.prompt}], "temperature": 0})
+           for r in NEAR_END]
+    for answer, want in zip(got, plain["near_end"]):
+        assert answer["choices"][0]["message"]["content"] == want
+        assert answer["choices"][0]["finish_reason"] == "length"
+        assert answer["usage"]["prompt_tokens"] + answer["usage"]["completion_tokens"] == MAX_LEN
+
+
+def test_prompt_over_the_context_is_a_clear_400(ht, model):
+    with pytest.raises(urllib.error.HTTPError) as e:
+        _post(ht.base, {"model": model, "messages": [{"role": "user", "content": LONG * 2}]})
+    assert e.value.code == 400
+    assert "context" in e.value.read().decode().lower()
+    assert ht.healthy()
+
+
+@pytest.mark.parametrize("body", [
+    pytest.param(b"{not json", id="not-json"),
+    pytest.param({"messages": "hi"}, id="messages-not-a-list"),
+    pytest.param({"messages": [{"role": "user", "content": "hi"}], "max_tokens": -5}, id="negative-max-tokens"),
+    pytest.param({"messages": [{"role": "user", "content": "hi"}], "temperature": -2}, id="negative-temperature"),
+    pytest.param({"messages": [{"role": "user", "content": "hi"}], "top_p": 7}, id="top-p-over-1"),
+    pytest.param({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 10**9}, id="absurd-max-tokens"),
+    pytest.param({"messages": [{"role": "user", "content": "hi"}], "logprobs": True, "top_logprobs": 10**6},
+                 id="absurd-top-logprobs"),
+    pytest.param({"messages": [{"role": "user", "content": "hi"}], "max_tokens": "ten"}, id="max-tokens-not-a-number"),
+    pytest.param({"messages": [{"role": "user", "content": "hi"}], "n": 0}, id="zero-choices"),
+])
+def test_malformed_requests_are_4xx_and_the_server_keeps_serving(ht, model, plain, body):
+    if isinstance(body, dict):
+        body = {"model": model, **body}
+    with pytest.raises(urllib.error.HTTPError) as e:
+        _post(ht.base, body)
+    assert 400 <= e.value.code < 500, e.value.read()[:300]
+    assert _texts(ht.base, model, [_greedy(*GREEDY[1])]) == [plain["load"][GREEDY[1]]]
+
+
+def test_kv_cache_pressure_and_preemption(model, plain, tmp_path):
+    """Five KV blocks of 128 tokens (one is vLLM's null block: room for 512 tokens) for 12 concurrent
+    greedy requests whose decoding crosses a block boundary: running requests run out of blocks,
+    vLLM preempts and recomputes; every HT output still equals plain vLLM's."""
+    with Server(model, COMMON + HT + ["--num-gpu-blocks-override", "5"], tmp_path / "server.log", env=KV) as s:
+        texts = _texts(s.base, model, PRESSURE)
+        metrics = urllib.request.urlopen(s.base + "/metrics", timeout=30).read().decode()
+    preempted = sum(float(line.split()[-1]) for line in metrics.splitlines()
+                    if line.startswith("vllm:num_preemptions_total"))
+    assert preempted > 0, "no preemption happened: the test did not test anything"
+    assert texts == plain["pressure"]
