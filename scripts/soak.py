@@ -28,7 +28,8 @@ def soak(model: str, args: list[str], rounds: int, count: int, log: Path, label:
             _, summary = run_load(server.base, model, mixed_workload(prompts, count, seed=r))
             summaries.append(summary)
             tqdm.write(f"{label} round {r + 1}: {summary.line()}")
-        assert server.healthy(), f"{label}: the server is not healthy after the soak"
+        if not server.healthy():
+            sys.exit(f"soak: the {label} server is not healthy after the soak; log tail:\n{log.read_text()[-3000:]}")
     return summaries
 
 
@@ -39,6 +40,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--requests", type=int, default=64)
     p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--log-dir", default=tempfile.gettempdir(), help="server logs go here (ht.log, plain.log)")
     a = p.parse_args()
     from vllm_ht.models import prepare_default_model
     from vllm_ht.vllm.env import apply_cpu_defaults
@@ -46,10 +48,11 @@ def main() -> None:
     apply_cpu_defaults()
     model = a.model or str(prepare_default_model())
     common = ["--dtype", a.dtype, "--max-model-len", "2048"]
-    with tempfile.TemporaryDirectory() as tmp:
-        ht = soak(model, common + ["--speculative-model", "hidden_transfer", "--ht-checkpoint", a.checkpoint],
-                  a.rounds, a.requests, Path(tmp) / "ht.log", "ht")
-        plain = soak(model, common, a.rounds, a.requests, Path(tmp) / "plain.log", "plain")
+    logs = Path(a.log_dir)
+    logs.mkdir(parents=True, exist_ok=True)
+    ht = soak(model, common + ["--speculative-model", "hidden_transfer", "--ht-checkpoint", a.checkpoint],
+              a.rounds, a.requests, logs / "vllm-ht-soak-ht.log", "ht")
+    plain = soak(model, common, a.rounds, a.requests, logs / "vllm-ht-soak-plain.log", "plain")
 
     def total(s, key):
         return sum(getattr(x, key) for x in s)

@@ -67,6 +67,17 @@ def test_vllm_serve_refuses_before_starting_the_engine(model_dir, tmp_path):
     assert "EngineCore" not in proc.stderr  # stopped in the API process, nothing was allocated
 
 
+def test_vllm_serve_refuses_a_corrupt_checkpoint_file(model_dir, tmp_path):
+    ck = _checkpoint(tmp_path, hidden_size=576)
+    (ck / "projections.safetensors").write_bytes(b"junk")
+    exe = shutil.which("vllm", path=str(Path(sys.executable).parent))
+    proc = subprocess.run([exe, "serve", str(model_dir), "--speculative-model", "hidden_transfer",
+                           "--ht-checkpoint", str(ck)], capture_output=True, text=True, timeout=180)
+    assert proc.returncode != 0
+    assert "vllm-ht:" in proc.stderr and "corrupt" in proc.stderr
+    assert "EngineCore" not in proc.stderr
+
+
 def test_ht_flags_without_the_method_are_refused(model_dir, tmp_path):
     exe = shutil.which("vllm", path=str(Path(sys.executable).parent))
     proc = subprocess.run([exe, "serve", str(model_dir), "--ht-checkpoint", str(_checkpoint(tmp_path))],

@@ -37,7 +37,7 @@ class StepCost:
 
     Defaults: measured with vLLM's CPU build, bf16, SmolLM2-135M on a 2-core AVX512-BF16 Xeon
     without AMX (see benchmarks/README.md): extra rows are far from free there. A GPU has
-    much cheaper rows; set them through additional_config (README, "Tuning")."""
+    much cheaper rows; set them through additional_config (README, "Serving with Hidden Transfer")."""
     row: float = 0.07          # one more real row: every layer + the LM head
     pseudo_row: float = 0.03   # one pseudo row: the layers from the transfer layer up
     fixed: float = 0.10        # per HT step: tree masks, attention plans, verification, compaction

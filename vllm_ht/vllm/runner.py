@@ -131,6 +131,7 @@ class HTRunnerMixin:
         return SamplingParams(sp.temperature, top_k, sp.top_p), state.generator
 
     def _sample(self, logits, spec_decode_metadata):
+        self._ht_rng_snapshots = self._snapshot_discarded_generators()
         out = super()._sample(logits, spec_decode_metadata)
         step = self._ht_step
         self._ht_accepted = {}
@@ -168,6 +169,28 @@ class HTRunnerMixin:
                                torch.tensor(loc, dtype=torch.int32, device=dev))
         out.sampled_token_ids = sampled
         return out
+
+    # ---- seeded requests in partial prefill (vLLM CPU) ---------------------------------------
+    def _snapshot_discarded_generators(self) -> dict:
+        """RNG states, before sampling, of seeded requests whose sample this step is discarded
+        (partial prefill chunks). vLLM rewinds those with `set_offset`, which only CUDA generators
+        have: on the CPU build it raises and kills the engine. We restore the state instead."""
+        n = self.input_batch.num_reqs
+        gens = self.input_batch.generators
+        return {int(i): gens[int(i)].get_state() for i in self.discard_request_mask.np[:n].nonzero()[0]
+                if int(i) in gens and gens[int(i)].device.type == "cpu"}
+
+    def _bookkeeping_sync(self, *args, **kwargs):
+        snapshots = getattr(self, "_ht_rng_snapshots", None) or {}
+        gens = self.input_batch.generators
+        held = {i: gens.pop(i) for i in snapshots if i in gens}
+        try:
+            return super()._bookkeeping_sync(*args, **kwargs)
+        finally:
+            for i, gen in held.items():
+                gen.set_state(snapshots[i])
+                gens[i] = gen
+            self._ht_rng_snapshots = {}
 
     def _ht_context_positions(self, step: HTStep) -> list[int]:
         """Position of each request's first scheduled row (the root, for tree requests)."""
