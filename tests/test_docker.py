@@ -221,29 +221,24 @@ CPU_BREAKS = {
 }
 
 
-@pytest.mark.parametrize("name", CPU_BREAKS)
-def test_cpu_structure_check_catches(name):
-    old, new, expect = CPU_BREAKS[name]
-    text = CPU_DOCKERFILE.read_text()
-    assert old in text, f"the mutation for {name!r} no longer applies: update CPU_BREAKS"
-    problems = cpu_problems(text.replace(old, new))
-    assert any(expect in p for p in problems), problems
-
-
 GPU_BREAKS = {
     "vllm 0.31": ("vllm/vllm-openai:v0.32.0", "vllm/vllm-openai:v0.31.0", "v0.32"),
     "latest": ("vllm/vllm-openai:v0.32.0", "vllm/vllm-openai:latest", "v0.32"),
     "no install": ('uv pip install --system ".[gpu]"', "true", "pip-install"),
     "checkpoint path": ("--ht-checkpoint /opt/vllm-ht/checkpoints", "--ht-checkpoint /opt/checkpoints", "--ht-checkpoint"),
 }
+BREAKS = [pytest.param("cpu", name, id=f"cpu-{name}") for name in CPU_BREAKS] + \
+         [pytest.param("gpu", name, id=f"gpu-{name}") for name in GPU_BREAKS]
 
 
-@pytest.mark.parametrize("name", GPU_BREAKS)
-def test_gpu_structure_check_catches(name):
-    old, new, expect = GPU_BREAKS[name]
-    text = GPU_DOCKERFILE.read_text()
-    assert old in text, f"the mutation for {name!r} no longer applies: update GPU_BREAKS"
-    problems = gpu_problems(text.replace(old, new))
+@pytest.mark.parametrize("image,name", BREAKS)
+def test_structure_check_catches(image, name):
+    dockerfile, breaks, problems_of = {"cpu": (CPU_DOCKERFILE, CPU_BREAKS, cpu_problems),
+                                       "gpu": (GPU_DOCKERFILE, GPU_BREAKS, gpu_problems)}[image]
+    old, new, expect = breaks[name]
+    text = dockerfile.read_text()
+    assert old in text, f"the mutation for {name!r} no longer applies: update {image.upper()}_BREAKS"
+    problems = problems_of(text.replace(old, new))
     assert any(expect in p for p in problems), problems
 
 

@@ -186,15 +186,19 @@ def calibrate_templates(accuracy: Sequence[Sequence[float]],
     return {n: [list(p) for p in best_template(accuracy, n)] for n in budgets}
 
 
+def accuracy_table(accuracy: Sequence[Sequence[float]] | None, num_steps: int) -> list[Sequence[float]]:
+    """The measured accuracy rows for depths 1..num_steps, DEFAULT_ACCURACY where none was measured."""
+    table = list(accuracy or [])[:num_steps]
+    return table + DEFAULT_ACCURACY[len(table):num_steps]
+
+
 def template_for_budget(templates: dict[int, list[list[int]]], accuracy: Sequence[Sequence[float]] | None,
                         num_nodes: int, num_steps: int) -> TokenTree:
     """The tree for a node budget: the stored template for exactly that budget, else the best
     template under the measured `accuracy` (or DEFAULT_ACCURACY where nothing was measured)."""
     if num_nodes in templates:
         return TokenTree.from_paths(templates[num_nodes])
-    table = list(accuracy if accuracy is not None else [])[:num_steps]
-    table += DEFAULT_ACCURACY[len(table):num_steps]
-    return TokenTree.from_paths(best_template(table, num_nodes))
+    return TokenTree.from_paths(best_template(accuracy_table(accuracy, num_steps), num_nodes))
 
 
 def end_probabilities(tree: TokenTree, accuracy: Sequence[Sequence[float]]) -> torch.Tensor:

@@ -8,8 +8,9 @@ tiles) and unreadable from torch.
 
 Every row attends to (a) its request's cached context (tokens before this step) and (b) this
 step's window under a bitmask (`kernels.tree_paged_attention`, Triton, on CUDA; on the CPU a
-`kernels.TreeAttentionPlan` built on the step's first layer and reused by the others). Plain requests get a causal window; tree requests the tree mask from the
-runner's HTStep; pseudo rows (see model.py) the anchor's mask plus their own group.
+`kernels.TreeAttentionPlan` built on the step's first layer and reused by the others). Plain
+requests get a causal window; tree requests the tree mask from the runner's HTStep; pseudo rows
+(see model.py) the anchor's mask plus their own group.
 """
 from __future__ import annotations
 

@@ -24,7 +24,7 @@ small tree with a few anchors; batch 16 drafts nothing and runs the plain model.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from ..tree import TokenTree, end_probabilities, expected_accepted_length, template_for_budget
 
@@ -52,7 +52,7 @@ class DraftPlan:
     tree: TokenTree                   # root + N draft nodes (N = 0: no drafting)
     anchors: tuple[int, ...]          # nodes with pseudo rows, ascending
     speedup: float                    # predicted, vs plain decoding at this batch size
-    tokens_per_step: float = field(default=1.0)
+    tokens_per_step: float = 1.0
 
     @property
     def drafts(self) -> bool:

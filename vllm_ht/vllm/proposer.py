@@ -2,16 +2,16 @@
 
 vLLM hands custom proposers token ids only, so drafting happens in the HT model runner, which
 has the pseudo rows; it asks this object for the step's DraftPlan (tree + anchor nodes, by batch
-size: vllm_ht/vllm/policy.py) and turns pseudo logits into the flattened draft list. Called through vLLM's stock `propose()` (i.e. without the HT worker), it
-refuses with the fix.
+size: vllm_ht/vllm/policy.py) and turns pseudo logits into the flattened draft list. Called
+through vLLM's stock `propose()` (i.e. without the HT worker), it refuses with the fix.
 """
 from __future__ import annotations
 
-import torch
-
 import logging
 
-from ..tree import DEFAULT_ACCURACY, TokenTree, likely_end_nodes, template_for_budget
+import torch
+
+from ..tree import TokenTree, accuracy_table, likely_end_nodes, template_for_budget
 from .options import HTOptions
 from .policy import DraftPlan, best_plan, no_drafts, predicted_speedup
 
@@ -38,10 +38,8 @@ class HTProposer:
                            "/ HTGPUWorker).")
 
     @property
-    def accuracy(self) -> list[list[float]]:
-        cfg = self.ht_config
-        table = list(cfg.topr_accuracy or [])[: cfg.num_steps]
-        return table + DEFAULT_ACCURACY[len(table) : cfg.num_steps]
+    def accuracy(self) -> list:
+        return accuracy_table(self.ht_config.topr_accuracy, self.ht_config.num_steps)
 
     def plan_for_batch(self, batch_size: int) -> DraftPlan:
         """The tree and anchors for a step with `batch_size` sampling requests (cached per size)."""
