@@ -188,7 +188,7 @@ def main(argv=None) -> None:
     from vllm_ht.prompts import load_prompts
     from vllm_ht.vllm.env import apply_cpu_defaults
 
-    apply_cpu_defaults()
+    apply_cpu_defaults(args.tensor_parallel_size)
     if args.model is None:
         from vllm_ht.models import prepare_default_model
 

@@ -28,3 +28,13 @@ def test_decoded_tau_replays_greedy_decoding():
     # anchor 0 accepts 2 (emits 3) -> anchor 3 accepts 1 (emits 2) -> done: 5 tokens / 2 steps
     assert ev.decoded_tau([(0,), (0, 0)]) == 2.5
     assert ev.expected_tau([(0,), (0, 0)]) == pytest.approx(1 + 2 / 5 + 1 / 5)   # every position alike
+
+
+def test_head_keeps_the_first_anchors_of_every_sequence():
+    ev = DraftEval(torch.tensor([[0, 0], [5, 5], [0, 3], [1, 0], [MAX_RANK, 0]]), seq_lens=[3, 2])
+    head = ev.head(2)
+    assert head.ranks.tolist() == [[0, 0], [5, 5], [1, 0], [MAX_RANK, 0]]
+    assert head.seq_lens == [2, 2]
+    assert head.topr(1, 1) == 0.25
+    # replay: seq 1 accepts (0, 0) at anchor 0 (emits 3) and is done; seq 2 accepts (1,) (emits 2)
+    assert head.decoded_tau([(0,), (0, 0), (1,)]) == (3 + 2) / 2

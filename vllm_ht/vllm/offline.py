@@ -22,7 +22,8 @@ def engine_kwargs(args) -> dict:
         from .engine_args import ht_engine_kwargs
 
         return ht_engine_kwargs(args.model, checkpoint=args.checkpoint, num_nodes=args.num_nodes,
-                                row_budget=args.row_budget, pseudo_nodes=args.pseudo_nodes)
+                                row_budget=args.row_budget, pseudo_nodes=args.pseudo_nodes,
+                                tensor_parallel_size=args.tensor_parallel_size)
     if args.method == "ngram":
         return {"speculative_config": {"method": "ngram", "num_speculative_tokens": 3,
                                        "prompt_lookup_max": 3, "prompt_lookup_min": 1}}
@@ -139,6 +140,6 @@ def build_parser() -> argparse.ArgumentParser:
 if __name__ == "__main__":
     from .env import apply_cpu_defaults
 
-    apply_cpu_defaults()
     a = build_parser().parse_args()
+    apply_cpu_defaults(a.tensor_parallel_size)
     Path(a.out).write_text(json.dumps(run(a)))

@@ -52,6 +52,7 @@ class HTRunnerMixin:
         self._ht_step: HTStep | None = None
         self._ht_accepted: dict[int, list[int]] = {}  # request index -> accepted local rows
         self._ht_block_table = None
+        self._ht_tp = None                            # (tp group or None), resolved on first use
 
     def execute_model(self, scheduler_output, intermediate_tensors=None):
         self._ht_sched = scheduler_output
@@ -146,6 +147,7 @@ class HTRunnerMixin:
         for d in spec_decode_metadata.num_draft_tokens:
             starts.append(starts[-1] + d + 1)
         src, dst, loc = [], [], [0]
+        decisions: dict[int, tuple[list[int], list[int]]] = {}
         ctx = self._ht_context_positions(step)
         for i in range(len(step.q_lens)):
             tree = step.trees.get(i)
@@ -154,10 +156,15 @@ class HTRunnerMixin:
                 tokens = torch.tensor([-1] + self._ht_sched.scheduled_spec_decode_tokens[self.input_batch.req_ids[i]])
                 params, gen = self._request_params(i)
                 res = verify_tree(tree, tokens[: tree.num_nodes], rows, params, gen)
+                decisions[i] = (res.emitted, res.accepted)
+        decisions = self._from_first_rank(decisions)
+        for i in range(len(step.q_lens)):
+            if i in decisions:
+                emitted, accepted = decisions[i]
                 sampled[i] = -1
-                sampled[i, : len(res.emitted)] = torch.tensor(res.emitted, dtype=sampled.dtype)
-                self._ht_accepted[i] = res.accepted
-                moves = [(ctx[i] + a, ctx[i] + j) for j, a in enumerate(res.accepted) if a != j]
+                sampled[i, : len(emitted)] = torch.tensor(emitted, dtype=sampled.dtype)
+                self._ht_accepted[i] = accepted
+                moves = [(ctx[i] + a, ctx[i] + j) for j, a in enumerate(accepted) if a != j]
                 src += [s for s, _ in moves]
                 dst += [d for _, d in moves]
             loc.append(len(src))
@@ -198,12 +205,15 @@ class HTRunnerMixin:
 
     # ---- drafting --------------------------------------------------------------------------
     def propose_draft_token_ids(self, scheduler_output, sampled_token_ids, *args, **kwargs):
-        step, drafter = self._ht_step, self.drafter
-        num_reqs = len(sampled_token_ids)
-        result: list[list[int]] = [[] for _ in range(num_reqs)]
         live = [i for i, toks in enumerate(sampled_token_ids) if toks]
-        tree = drafter.tree_for_batch(len(live))
-        self.ht_trees.clear()
+        tree = self.drafter.tree_for_batch(len(live))
+        result = self._from_first_rank(self._propose(sampled_token_ids, live, tree))
+        self.ht_trees = {self.input_batch.req_ids[i]: (tree, drafts) for i, drafts in enumerate(result) if drafts}
+        return result
+
+    def _propose(self, sampled_token_ids, live: list[int], tree: TokenTree) -> list[list[int]]:
+        step, drafter = self._ht_step, self.drafter
+        result: list[list[int]] = [[] for _ in range(len(sampled_token_ids))]
         if step is None or step.pseudo_hidden is None or tree.num_nodes <= 1:
             return result
         anchor_index = {(int(s), int(r)): a for a, (s, r) in enumerate(zip(step.anchor_seq, self._local_rows(step)))}
@@ -219,8 +229,20 @@ class HTRunnerMixin:
         logits = self.model.compute_logits(pseudo.flatten(0, 1)).view(len(picks), pseudo.shape[1], -1)
         for (i, _), lg in zip(picks, logits):
             result[i] = drafter.drafts(tree, sampled_token_ids[i][-1], lg)
-            self.ht_trees[self.input_batch.req_ids[i]] = (tree, result[i])
         return result
+
+    # ---- tensor parallelism: the first rank decides, every rank applies ------------------------
+    def _from_first_rank(self, obj):
+        """Under tensor parallelism every rank verifies and drafts from the same all-gathered
+        logits (keeping RNG streams in step); the first rank's result is what all ranks apply, so
+        trees, accepted nodes and KV compaction can never drift apart between head shards."""
+        if self._ht_tp is None:
+            from vllm.distributed import get_tp_group
+
+            group = get_tp_group()
+            self._ht_tp = (group if group.world_size > 1 else None,)
+        group = self._ht_tp[0]
+        return obj if group is None else group.broadcast_object(obj, src=0)
 
     @staticmethod
     def _local_rows(step: HTStep) -> list[int]:
