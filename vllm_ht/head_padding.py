@@ -39,10 +39,10 @@ def _pad_rows(w: torch.Tensor, rows: int) -> torch.Tensor:
     return torch.cat([w, w.new_zeros(rows - w.shape[0], *w.shape[1:])])
 
 
-def pad_heads(src: str | Path, dst: str | Path, tp: int, progress: bool = True) -> Path:
+def pad_heads(src: str | Path, dst: str | Path, tp: int, progress: bool = True, force: bool = False) -> Path:
     """Write the padded copy of the HF folder `src` to `dst` (idempotent) and return `dst`."""
     src, dst = Path(src), Path(dst)
-    if (dst / PADDED_MARKER).is_file():
+    if (dst / PADDED_MARKER).is_file() and not force:
         return dst
     cfg = json.loads((src / "config.json").read_text())
     if cfg.get("model_type") != "llama":

@@ -5,6 +5,11 @@ equivalent head-padded copy (12 / 4, zero heads; vllm_ht/head_padding.py) does. 
 copy must give plain vLLM's greedy tokens at TP=1 on the original, one request at a time and as a
 mixed batch, with drafts really accepted (every rank verifies; the first rank's decision is applied).
 """
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from e2e_helpers import run_engine, trained_checkpoint
@@ -14,10 +19,14 @@ ARGS = ["--limit", str(N), "--max-tokens", str(TOKENS), "--ignore-eos", "--batch
 
 
 @pytest.fixture(scope="module")
-def padded_dir(model_dir, tmp_path_factory):
-    from vllm_ht.head_padding import pad_heads
-
-    return pad_heads(model_dir, tmp_path_factory.mktemp("tp") / "model-tp2", 2, progress=False)
+def padded_dir(model_dir):
+    """The user's way: `vllm-ht prepare-model --pad-heads-for-tp 2` prints the copy's folder."""
+    proc = subprocess.run([sys.executable, "-m", "vllm_ht.cli", "prepare-model", "--pad-heads-for-tp", "2"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    folder = Path(proc.stdout.strip().splitlines()[-1])
+    assert folder != Path(model_dir) and json.loads((folder / "config.json").read_text())["num_key_value_heads"] == 4
+    return folder
 
 
 @pytest.fixture(scope="module")
