@@ -138,33 +138,34 @@ class HTRunnerMixin:
         self._ht_accepted = {}
         if step is None:
             return out
-        for i, n in enumerate(step.q_lens):
-            self._ht_accepted[i] = [n - 1]
-        if spec_decode_metadata is None or not step.trees:
-            return out
-        sampled = out.sampled_token_ids.clone()
-        starts = [0]
-        for d in spec_decode_metadata.num_draft_tokens:
-            starts.append(starts[-1] + d + 1)
-        src, dst, loc = [], [], [0]
-        decisions: dict[int, tuple[list[int], list[int]]] = {}
-        ctx = self._ht_context_positions(step)
-        for i in range(len(step.q_lens)):
-            tree = step.trees.get(i)
-            if tree is not None:
+        accepted = {i: [n - 1] for i, n in enumerate(step.q_lens)}
+        sampled = out.sampled_token_ids
+        if spec_decode_metadata is not None and step.trees:
+            sampled = sampled.clone()
+            starts = [0]
+            for d in spec_decode_metadata.num_draft_tokens:
+                starts.append(starts[-1] + d + 1)
+            for i, tree in sorted(step.trees.items()):
                 rows = logits[starts[i] : starts[i] + tree.num_nodes]
                 tokens = torch.tensor([-1] + self._ht_sched.scheduled_spec_decode_tokens[self.input_batch.req_ids[i]])
                 params, gen = self._request_params(i)
                 res = verify_tree(tree, tokens[: tree.num_nodes], rows, params, gen)
-                decisions[i] = (res.emitted, res.accepted)
-        decisions = self._from_first_rank(decisions)
-        for i in range(len(step.q_lens)):
-            if i in decisions:
-                emitted, accepted = decisions[i]
                 sampled[i] = -1
-                sampled[i, : len(emitted)] = torch.tensor(emitted, dtype=sampled.dtype)
-                self._ht_accepted[i] = accepted
-                moves = [(ctx[i] + a, ctx[i] + j) for j, a in enumerate(accepted) if a != j]
+                sampled[i, : len(res.emitted)] = torch.tensor(res.emitted, dtype=sampled.dtype)
+                accepted[i] = res.accepted
+        sampled, self._ht_accepted = self._from_first_rank((sampled, accepted))
+        out.sampled_token_ids = sampled
+        if step.trees:
+            self._compact(step)
+        return out
+
+    def _compact(self, step: HTStep) -> None:
+        """Move each tree request's accepted nodes' K/V to the contiguous slots after the root."""
+        src, dst, loc = [], [], [0]
+        ctx = self._ht_context_positions(step)
+        for i in range(len(step.q_lens)):
+            if i in step.trees:
+                moves = [(ctx[i] + a, ctx[i] + j) for j, a in enumerate(self._ht_accepted[i]) if a != j]
                 src += [s for s, _ in moves]
                 dst += [d for _, d in moves]
             loc.append(len(src))
@@ -174,8 +175,6 @@ class HTRunnerMixin:
                                torch.tensor(src, dtype=torch.int32, device=dev),
                                torch.tensor(dst, dtype=torch.int32, device=dev),
                                torch.tensor(loc, dtype=torch.int32, device=dev))
-        out.sampled_token_ids = sampled
-        return out
 
     # ---- seeded requests in partial prefill (vLLM CPU) ---------------------------------------
     def _snapshot_discarded_generators(self) -> dict:
@@ -233,9 +232,10 @@ class HTRunnerMixin:
 
     # ---- tensor parallelism: the first rank decides, every rank applies ------------------------
     def _from_first_rank(self, obj):
-        """Under tensor parallelism every rank verifies and drafts from the same all-gathered
-        logits (keeping RNG streams in step); the first rank's result is what all ranks apply, so
-        trees, accepted nodes and KV compaction can never drift apart between head shards."""
+        """Under tensor parallelism every rank samples, verifies and drafts from the same
+        all-gathered logits (keeping RNG streams in step); the first rank's result (sampled tokens,
+        accepted nodes, next drafts) is what all ranks apply, so inputs, trees and KV compaction
+        can never drift apart between head shards."""
         if self._ht_tp is None:
             from vllm.distributed import get_tp_group
 
