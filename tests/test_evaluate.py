@@ -36,5 +36,7 @@ def test_head_keeps_the_first_anchors_of_every_sequence():
     assert head.ranks.tolist() == [[0, 0], [5, 5], [1, 0], [MAX_RANK, 0]]
     assert head.seq_lens == [2, 2]
     assert head.topr(1, 1) == 0.25
-    # replay: seq 1 accepts (0, 0) at anchor 0 (emits 3) and is done; seq 2 accepts (1,) (emits 2)
-    assert head.decoded_tau([(0,), (0, 0), (1,)]) == (3 + 2) / 2
+    # replay: seq 1 accepts (0, 0) at anchor 0, seq 2 accepts (1,); each step's tokens are capped at
+    # the 2 that remain before the cut
+    assert head.decoded_tau([(0,), (0, 0), (1,)]) == (2 + 2) / 2
+    assert ev.decoded_tau([(0,), (0, 0), (1,)]) == (3 + 2) / 2      # uncut: 3 tokens fit in seq 1

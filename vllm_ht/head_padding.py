@@ -8,6 +8,7 @@ the copy equals the original's (up to float summation order). 9/3 heads -> 12/4 
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -19,17 +20,26 @@ from tqdm import tqdm
 from .config import ConfigError
 
 PADDED_MARKER = ".vllm_ht_head_padded"
+FORMAT = 1  # bump when the padding changes, so older copies are rebuilt
+
+
+def splits_heads(heads: int, kv: int, tp: int) -> bool:
+    """vLLM's rule: tp divides the query heads, and the KV heads split (kv >= tp) or replicate."""
+    return heads % tp == 0 and (kv % tp == 0 if kv >= tp else tp % kv == 0)
 
 
 def padded_head_counts(num_heads: int, num_kv_heads: int, tp: int) -> tuple[int, int]:
-    """(heads, kv heads) after padding whole KV groups until `tp` divides both.
+    """(heads, kv heads): unchanged when vLLM can already split them, else whole KV groups are
+    added until `tp` divides both.
 
-    9, 3, 2 -> (12, 4); 9, 3, 3 -> (9, 3); 32, 8, 4 -> (32, 8)
+    9, 3, 2 -> (12, 4); 9, 3, 3 -> (9, 3); 8, 1, 8 -> (8, 1) (vLLM replicates the KV head)
     """
     if tp < 1:
         raise ConfigError(f"tensor-parallel size must be >= 1, got {tp}")
     if num_heads % num_kv_heads:
         raise ConfigError(f"{num_heads} query heads do not form whole groups over {num_kv_heads} KV heads")
+    if splits_heads(num_heads, num_kv_heads, tp):
+        return num_heads, num_kv_heads
     group = num_heads // num_kv_heads
     kv = -(-num_kv_heads // tp) * tp
     return kv * group, kv
@@ -42,13 +52,21 @@ def _pad_rows(w: torch.Tensor, rows: int) -> torch.Tensor:
 def pad_heads(src: str | Path, dst: str | Path, tp: int, progress: bool = True, force: bool = False) -> Path:
     """Write the padded copy of the HF folder `src` to `dst` (idempotent) and return `dst`."""
     src, dst = Path(src), Path(dst)
-    if (dst / PADDED_MARKER).is_file() and not force:
+    raw = (src / "config.json").read_bytes()
+    stamp = json.dumps({"format": FORMAT, "tp": tp, "source": str(src.resolve()),
+                        "source_config_sha256": hashlib.sha256(raw).hexdigest()})
+    marker = dst / PADDED_MARKER
+    if not force and marker.is_file() and marker.read_text() == stamp:
         return dst
-    cfg = json.loads((src / "config.json").read_text())
+    cfg = json.loads(raw)
     if cfg.get("model_type") != "llama":
         raise ConfigError(f"head padding supports Llama-family folders; {src} has model_type "
                           f"{cfg.get('model_type')!r}. Pick a tensor-parallel size that divides its heads.")
-    heads, kv = cfg["num_attention_heads"], cfg.get("num_key_value_heads", cfg["num_attention_heads"])
+    if cfg.get("attention_bias"):
+        raise ConfigError(f"{src} has attention biases, which head padding does not handle; "
+                          f"pick a tensor-parallel size that divides its heads.")
+    heads = cfg["num_attention_heads"]
+    kv = cfg.get("num_key_value_heads") or heads
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
     new_heads, new_kv = padded_head_counts(heads, kv, tp)
     files = sorted(src.glob("*.safetensors"))
@@ -66,12 +84,10 @@ def pad_heads(src: str | Path, dst: str | Path, tp: int, progress: bool = True, 
                 tensors[name] = _pad_rows(w, new_kv * head_dim)
             elif name.endswith("self_attn.o_proj.weight"):
                 tensors[name] = _pad_rows(w.t(), new_heads * head_dim).t().contiguous()
-            elif "self_attn" in name and name.endswith(".bias"):
-                raise ConfigError(f"{name}: attention biases are not padded; use a TP size dividing the heads")
         save_file(tensors, tmp / f.name, metadata={"format": "pt"})
     cfg.update(num_attention_heads=new_heads, num_key_value_heads=new_kv, head_dim=head_dim)
     (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-    (tmp / PADDED_MARKER).write_text(f"{src} heads {heads}/{kv} -> {new_heads}/{new_kv} for TP={tp}\n")
+    (tmp / PADDED_MARKER).write_text(stamp)
     shutil.rmtree(dst, ignore_errors=True)
     tmp.rename(dst)
     return dst

@@ -15,7 +15,9 @@ import pytest
 from e2e_helpers import run_engine, trained_checkpoint
 
 N, TOKENS = 10, 48
-ARGS = ["--limit", str(N), "--max-tokens", str(TOKENS), "--ignore-eos", "--batch-sizes", "1,5"]
+# a fixed 4-node tree: the cost policy drafts nothing at batch 5 on this CPU, and the point here is
+# tree verification across ranks at every batch size
+ARGS = ["--limit", str(N), "--max-tokens", str(TOKENS), "--ignore-eos", "--batch-sizes", "1,5", "--num-nodes", "4"]
 
 
 @pytest.fixture(scope="module")
@@ -53,3 +55,26 @@ def test_ht_tp2_accepts_drafts(ht_tp2):
         run = ht_tp2["runs"][bs]
         assert run["num_drafts"] > 0, f"batch {bs}: no trees were verified"
         assert run["mean_accepted_length"] > 1.3, f"batch {bs}: tau {run['mean_accepted_length']}"
+
+
+SAMPLED = ["--limit", "5", "--max-tokens", "32", "--ignore-eos", "--batch-sizes", "1,5", "--temperature", "0.8",
+           "--seed", "7", "--num-nodes", "4"]
+
+
+@pytest.fixture(scope="module")
+def sampled_runs(padded_dir, tmp_path_factory):
+    """Seeded sampling with HT at TP=1 and TP=2 on the same (padded) model."""
+    out = tmp_path_factory.mktemp("tp")
+    common = ["--method", "ht", "--checkpoint", str(trained_checkpoint()), *SAMPLED]
+    return {tp: run_engine(padded_dir, out / f"sampled_tp{tp}.json", "--tensor-parallel-size", str(tp), *common)
+            for tp in (1, 2)}
+
+
+def test_seeded_sampling_under_tp2_matches_tp1(sampled_runs):
+    """Every rank verifies with its copy of the request's generator and the first rank's result is
+    applied: the sampled tokens are those of one process with the same seeds."""
+    for bs in ("1", "5"):
+        one, two = sampled_runs[1]["runs"][bs], sampled_runs[2]["runs"][bs]
+        assert all(len(o) == 32 for o in two["outputs"])
+        assert two["outputs"] == one["outputs"], f"batch {bs}: TP=2 sampled other tokens than TP=1"
+        assert two["num_drafts"] > 0 and two["num_accepted"] > 0

@@ -88,7 +88,7 @@ class DraftEval:
                 while a < len(rows[i]) and 0 <= rows[i][a] < MAX_RANK and tuple(rows[i][: a + 1]) in have:
                     a += 1
                 steps += 1
-                emitted += a + 1
+                emitted += min(a + 1, n - i)   # a cut sequence (`head`) ends at its last anchor
                 i += a + 1
         return emitted / steps if steps else 0.0
 

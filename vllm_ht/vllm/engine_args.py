@@ -19,6 +19,7 @@ from pathlib import Path
 
 from ..checkpoint import load_checkpoint
 from ..config import ConfigError
+from ..head_padding import splits_heads
 from .options import KEY, HTOptions
 
 METHOD = "hidden_transfer"
@@ -54,7 +55,7 @@ def check_tensor_parallel(hf, tp: int) -> None:
     kv = getattr(hf, "num_key_value_heads", None) or heads
     if tp <= 1 or not heads:
         return
-    if heads % tp or (kv % tp if kv >= tp else tp % kv):
+    if not splits_heads(heads, kv, tp):
         raise ConfigError(
             f"--tensor-parallel-size {tp} does not divide the model's attention heads ({heads} query, {kv} KV). "
             f"Pick a size that divides them, or serve an exactly equivalent head-padded copy: "
@@ -128,6 +129,11 @@ def expand_namespace(args: argparse.Namespace) -> None:
                               tensor_parallel_size=getattr(args, "tensor_parallel_size", 1) or 1)
     except (ConfigError, ValueError) as e:
         sys.exit(f"vllm-ht: {e}")
+    if _on_cpu():
+        from .env import apply_thread_binding
+
+        apply_thread_binding((getattr(args, "tensor_parallel_size", 1) or 1)
+                             * (getattr(args, "pipeline_parallel_size", 1) or 1))
     args.speculative_config = kw["speculative_config"]
     args.worker_cls = kw["worker_cls"]
     args.hf_overrides = {**(getattr(args, "hf_overrides", None) or {}), **kw["hf_overrides"]}

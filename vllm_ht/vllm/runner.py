@@ -153,9 +153,10 @@ class HTRunnerMixin:
                 sampled[i] = -1
                 sampled[i, : len(res.emitted)] = torch.tensor(res.emitted, dtype=sampled.dtype)
                 accepted[i] = res.accepted
-        sampled, self._ht_accepted = self._from_first_rank((sampled, accepted))
-        out.sampled_token_ids = sampled
-        if step.trees:
+        device = sampled.device
+        sampled, self._ht_accepted = self._from_first_rank((sampled.cpu(), accepted))
+        out.sampled_token_ids = sampled.to(device)
+        if spec_decode_metadata is not None and step.trees:
             self._compact(step)
         return out
 
