@@ -124,16 +124,15 @@ def expand_namespace(args: argparse.Namespace) -> None:
         sys.exit(f"vllm-ht: {PP_UNSUPPORTED}")
     if getattr(args, "distributed_executor_backend", None) == "ray" and _on_cpu():
         sys.exit(f"vllm-ht: {RAY_ON_CPU}")
+    tp = getattr(args, "tensor_parallel_size", 1) or 1
     try:
-        kw = ht_engine_kwargs(args.model, args.ht_checkpoint, args.ht_num_nodes,
-                              tensor_parallel_size=getattr(args, "tensor_parallel_size", 1) or 1)
+        kw = ht_engine_kwargs(args.model, args.ht_checkpoint, args.ht_num_nodes, tensor_parallel_size=tp)
     except (ConfigError, ValueError) as e:
         sys.exit(f"vllm-ht: {e}")
     if _on_cpu():
         from .env import apply_thread_binding
 
-        apply_thread_binding((getattr(args, "tensor_parallel_size", 1) or 1)
-                             * (getattr(args, "pipeline_parallel_size", 1) or 1))
+        apply_thread_binding(tp)   # pipeline parallelism was refused above
     args.speculative_config = kw["speculative_config"]
     args.worker_cls = kw["worker_cls"]
     args.hf_overrides = {**(getattr(args, "hf_overrides", None) or {}), **kw["hf_overrides"]}

@@ -14,6 +14,7 @@ drafts and decode plainly.
 """
 from __future__ import annotations
 
+import functools
 import logging
 
 import torch
@@ -52,7 +53,6 @@ class HTRunnerMixin:
         self._ht_step: HTStep | None = None
         self._ht_accepted: dict[int, list[int]] = {}  # request index -> accepted local rows
         self._ht_block_table = None
-        self._ht_tp = None                            # (tp group or None), resolved on first use
 
     def execute_model(self, scheduler_output, intermediate_tensors=None):
         self._ht_sched = scheduler_output
@@ -140,7 +140,8 @@ class HTRunnerMixin:
             return out
         accepted = {i: [n - 1] for i, n in enumerate(step.q_lens)}
         sampled = out.sampled_token_ids
-        if spec_decode_metadata is not None and step.trees:
+        verifying = spec_decode_metadata is not None and bool(step.trees)
+        if verifying:
             sampled = sampled.clone()
             starts = [0]
             for d in spec_decode_metadata.num_draft_tokens:
@@ -156,7 +157,7 @@ class HTRunnerMixin:
         device = sampled.device
         sampled, self._ht_accepted = self._from_first_rank((sampled.cpu(), accepted))
         out.sampled_token_ids = sampled.to(device)
-        if spec_decode_metadata is not None and step.trees:
+        if verifying:
             self._compact(step)
         return out
 
@@ -237,13 +238,16 @@ class HTRunnerMixin:
         all-gathered logits (keeping RNG streams in step); the first rank's result (sampled tokens,
         accepted nodes, next drafts) is what all ranks apply, so inputs, trees and KV compaction
         can never drift apart between head shards."""
-        if self._ht_tp is None:
-            from vllm.distributed import get_tp_group
-
-            group = get_tp_group()
-            self._ht_tp = (group if group.world_size > 1 else None,)
-        group = self._ht_tp[0]
+        group = self._ht_tp_group
         return obj if group is None else group.broadcast_object(obj, src=0)
+
+    @functools.cached_property
+    def _ht_tp_group(self):
+        """vLLM's tensor-parallel group, or None at TP=1 (looked up once, after distributed init)."""
+        from vllm.distributed import get_tp_group
+
+        group = get_tp_group()
+        return group if group.world_size > 1 else None
 
     @staticmethod
     def _local_rows(step: HTStep) -> list[int]:
