@@ -6,6 +6,8 @@ Entry points the engine calls (they dispatch on the tensors' device):
   `TreeAttentionPlan` once per step instead. `kernels.reference` is the oracle both are tested on.
 - `compact_kv(...)`: Triton (`kernels.kv_compact.kv_compact`) for CUDA tensors, the torch reference
   (`kernels.reference.kv_compact_ref`) otherwise. (Not named `kv_compact`: that name is the submodule.)
+- `cache_layout`: what a cache's memory means (ROWS, or K_TRANSPOSED: vLLM's CPU packing, which
+  the CPU paths also read).
 - `pack_window_mask` / `unpack_window_mask`: bool mask <-> the int32 row bitmask both kernels read.
 
 Triton is imported lazily, only for CUDA tensors or when a Triton submodule is imported, so the
@@ -17,11 +19,14 @@ from collections.abc import Sequence
 
 import torch
 
+from kernels.cache_layout import K_TRANSPOSED, ROWS
 from kernels.reference import kv_compact_ref, tree_paged_attention_ref
 from kernels.tree_attention_cpu import TreeAttentionPlan, tree_paged_attention_cpu
 from kernels.window_mask import num_mask_words, pack_window_mask, unpack_window_mask
 
 __all__ = [
+    "K_TRANSPOSED",
+    "ROWS",
     "TreeAttentionPlan",
     "compact_kv",
     "kv_compact_ref",
@@ -47,10 +52,12 @@ def tree_paged_attention(query, kv_cache, block_table, context_lens, query_start
 
 
 def compact_kv(kv_caches: Sequence[torch.Tensor], block_table, src_positions, dst_positions,
-               move_start_loc) -> None:
+               move_start_loc, cache_layout: str = ROWS) -> None:
     """KV compaction for all layers; arguments as in `kernels.kv_compact.kv_compact`."""
     args = (kv_caches, block_table, src_positions, dst_positions, move_start_loc)
     if kv_caches and kv_caches[0].is_cuda:
+        if cache_layout != ROWS:
+            raise ValueError(f"the Triton compaction reads the {ROWS} layout only, got {cache_layout!r}")
         from kernels.kv_compact import kv_compact as triton_impl
         return triton_impl(*args)
-    return kv_compact_ref(*args)
+    return kv_compact_ref(*args, cache_layout=cache_layout)

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 import torch
 
 from kernels._checks import check_kv_compact_args, check_tree_attention_args
+from kernels.cache_layout import ROWS, check_layout, read_slots, write_slots
 from kernels.window_mask import unpack_window_mask
 
 
@@ -66,19 +67,23 @@ def kv_compact_ref(
     src_positions: torch.Tensor,        # [num_moves] int32
     dst_positions: torch.Tensor,        # [num_moves] int32
     move_start_loc: torch.Tensor,       # [num_seqs+1] int32
+    cache_layout: str = ROWS,           # kernels.cache_layout: what the caches' memory means
 ) -> None:
     """Torch version of `kv_compact`: gathers every source slot, then scatters (one op per layer).
 
     Gather-then-scatter gives the same result as the kernel's in-order copy because src >= dst
-    and both ascend within a sequence (see kernels/kv_compact.py).
+    and both ascend within a sequence (see kernels/kv_compact.py). Unlike the kernel it also
+    reads and writes the K_TRANSPOSED layout (vLLM's CPU cache).
     """
     check_kv_compact_args(kv_caches, block_table, src_positions, dst_positions, move_start_loc)
+    for kv in kv_caches:
+        check_layout(cache_layout, kv)
     block_size = kv_caches[0].shape[2]
     counts = (move_start_loc[1:] - move_start_loc[:-1]).long()                      # [num_seqs]
     seq = torch.repeat_interleave(torch.arange(counts.shape[0], device=counts.device), counts)  # [num_moves]
     table = block_table.long()
     src, dst = src_positions.long(), dst_positions.long()
-    src_block, src_off = table[seq, src // block_size], src % block_size            # [num_moves] each
-    dst_block, dst_off = table[seq, dst // block_size], dst % block_size
+    src_slot = table[seq, src // block_size] * block_size + src % block_size        # [num_moves] each
+    dst_slot = table[seq, dst // block_size] * block_size + dst % block_size
     for kv in kv_caches:
-        kv[dst_block, :, dst_off] = kv[src_block, :, src_off]                      # [num_moves, Hkv, 2D]
+        write_slots(kv, read_slots(kv, src_slot, cache_layout), dst_slot, cache_layout)   # [num_moves, Hkv, 2D]

@@ -12,6 +12,8 @@ A plan does the index work once (arguments and glossary as in `kernels.tree_atte
     context length, a window key when its bit is set and it belongs to the sequence.
 Each layer is then one gather from the cache, one gather of window keys and one
 `scaled_dot_product_attention` over the padded batch (fp32 accumulation for every input dtype).
+The cache is read in either `kernels.cache_layout` layout: ROWS gathers token rows, K_TRANSPOSED
+(vLLM CPU_ATTN's packing) gathers the sequence's whole blocks and unpacks them.
 
 Worked example: block_size 2, block_table [[4, 7], [2, 0]], context_lens [3, 1]
     context gather  seq 0: positions 0, 1, 2 -> (block 4, off 0), (4, 1), (7, 0)
@@ -27,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels._checks import check_tree_attention_args
+from kernels.cache_layout import ROWS, check_layout, gather_pages
 from kernels.window_mask import unpack_window_mask
 
 
@@ -44,13 +47,16 @@ class TreeAttentionPlan:
     blind_rows: torch.Tensor     # [T] bool, rows that see no key (output zeros)
     dense_rows: bool             # every sequence has R rows: the query rows are the grid as they are
     any_blind: bool              # some row sees no key
+    cache_layout: str = ROWS     # kernels.cache_layout
+    pages: torch.Tensor | None = None   # [S, ceil(C / block_size)] long, blocks to unpack (K_TRANSPOSED)
 
     @classmethod
     def build(cls, query, kv_cache, block_table, context_lens, query_start_loc, window_key, window_value,
-              window_start_loc, window_mask, out=None) -> "TreeAttentionPlan":
+              window_start_loc, window_mask, out=None, cache_layout: str = ROWS) -> "TreeAttentionPlan":
         """Validate the first layer's arguments (all checks) and precompute the step's indices."""
         dims = check_tree_attention_args(query, kv_cache, block_table, context_lens, query_start_loc, window_key,
                                          window_value, window_start_loc, window_mask, out)
+        check_layout(cache_layout, kv_cache)
         if query.device.type != "cpu":
             raise ValueError(f"TreeAttentionPlan is the CPU path; got tensors on {query.device} "
                              f"(use kernels.tree_paged_attention, which dispatches to Triton)")
@@ -85,13 +91,15 @@ class TreeAttentionPlan:
         row_sees = torch.cat([ctx_visible[seq_of_row],
                               unpack_window_mask(window_mask, win_max) & win_in_seq[seq_of_row]], 1)
         mask[row_grid] = row_sees
+        pages = ctx_block[:, :ctx_max:bs].contiguous() if ctx_max else ctx_block[:, :0]   # [S, ceil(C / bs)]
         blind = ~mask.any(1)                                           # padding rows and rows that see nothing
         if mask.shape[1]:
             mask[blind, 0] = True                                      # keep softmax finite; zeroed after
         return cls(num_rows=dims.num_rows, num_window=window_key.shape[0], block_size=bs,
                    ctx_block=ctx_block, ctx_offset=ctx_offset, window_rows=window_rows, row_grid=row_grid,
                    mask=mask.view(num_seqs, 1, rows_max, ctx_max + win_max), blind_rows=blind[row_grid],
-                   dense_rows=dims.num_rows == num_seqs * rows_max, any_blind=bool(blind[row_grid].any()))
+                   dense_rows=dims.num_rows == num_seqs * rows_max, any_blind=bool(blind[row_grid].any()),
+                   cache_layout=cache_layout, pages=pages)
 
     def run(self, query: torch.Tensor, kv_cache: torch.Tensor, window_key: torch.Tensor,
             window_value: torch.Tensor, scale: float, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -131,6 +139,12 @@ class TreeAttentionPlan:
     def _gather(self, kv_cache: torch.Tensor) -> torch.Tensor:
         """[S, C + W, Hkv, 2D]: each sequence's context tokens (then filler for the window part)."""
         num_blocks, kv_heads, block_size, width = kv_cache.shape
+        if self.cache_layout != ROWS:
+            num_seqs, keys_len = self.ctx_block.shape
+            ctx_len = keys_len - self.window_rows.shape[1]
+            kv = kv_cache.new_empty(num_seqs, keys_len, kv_heads, width)
+            kv[:, :ctx_len] = gather_pages(kv_cache, self.pages)[:, :ctx_len]
+            return kv
         tokens = kv_cache.transpose(1, 2)                                 # [blocks, block_size, Hkv, 2D]
         if tokens.is_contiguous():   # token-major memory: one row copy per token
             slots = self.ctx_block * block_size + self.ctx_offset                  # [S, C + W]

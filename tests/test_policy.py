@@ -45,5 +45,7 @@ def test_budget_cap_and_fixed_anchor_count():
 def test_options_validate_costs_and_cap_nodes_by_rows():
     with pytest.raises(ValueError, match="step costs"):
         HTOptions(row_cost=-1.0)
+    with pytest.raises(ValueError, match="cpu_cache_layout='packed': choose one of"):
+        HTOptions(cpu_cache_layout="packed")
     opts = HTOptions(row_budget=32)
     assert [opts.max_nodes_for_batch(b) for b in (1, 8, 16, 32)] == [31, 3, 1, 0]

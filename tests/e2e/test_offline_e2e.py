@@ -15,7 +15,10 @@ def plain(model_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def ht_identity(model_dir, tmp_path_factory):
-    return run_engine(model_dir, tmp_path_factory.mktemp("e2e") / "ht.json", "--method", "ht", "--num-nodes", "6", *ARGS)
+    # the ROWS cache layout (what HT uses where vLLM's CPU packing is not readable, e.g. AMX); the
+    # other HT engines here keep vLLM's own packing, this CPU's default
+    return run_engine(model_dir, tmp_path_factory.mktemp("e2e") / "ht.json", "--method", "ht", "--num-nodes", "6",
+                      "--cpu-cache-layout", "rows", *ARGS)
 
 
 @pytest.fixture(scope="module")

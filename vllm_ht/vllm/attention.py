@@ -1,10 +1,14 @@
-"""The HT attention backend: one plain KV layout and one attention op for every row kind.
+"""The HT attention backend: one attention op for every row kind, over one of two KV layouts.
 
-KV layout (owned by this backend on every platform): per layer the logical view [num_blocks,
-num_kv_heads, block_size, 2 * head_size], K || V on the last axis, over token-major memory
-(vLLM's LBNHC: [block][token][head][K||V]), so the CPU path gathers a sequence's context as one
-row copy per token. On CPU this replaces CPU_ATTN, whose cache is ISA-packed (K transposed, AMX
-tiles) and unreadable from torch.
+KV layout, per layer the logical view [num_blocks, num_kv_heads, block_size, 2 * head_size]
+(`kernels.cache_layout` says what the memory means):
+  - K_TRANSPOSED, vLLM CPU_ATTN's own packing, on CPUs whose attention ISA writes it ("vec",
+    "vec16"; checked by a probe write at start-up, `cpu_cache_layout`). Steps whose real rows are
+    causal (prefill, plain decode, every step the policy gives no drafts) then run vLLM's native
+    CPU attention kernel, as plain vLLM does; tree rows and pseudo rows read the packed blocks
+    through the planned torch path.
+  - ROWS everywhere else (AMX, Arm, or when asked): K || V on the last axis over token-major
+    memory (vLLM's LBNHC), so the CPU path gathers a sequence's context as one row copy per token.
 
 Every row attends to (a) its request's cached context (tokens before this step) and (b) this
 step's window under a bitmask (`kernels.tree_paged_attention`, Triton, on CUDA; on the CPU a
@@ -14,19 +18,24 @@ requests get a causal window; tree requests the tree mask from the runner's HTSt
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import torch
+from vllm import _custom_ops as ops
 from vllm.forward_context import get_forward_context
 from vllm.v1.attention.backend import AttentionImpl, AttentionType
-from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend, CPUAttentionMetadataBuilder
+from vllm.v1.attention.backends.cpu_attn import (CPUAttentionBackend, CPUAttentionMetadata,
+                                                 CPUAttentionMetadataBuilder, _get_attn_isa)
 from vllm.v1.kv_cache_layout import KVCacheLayout
 
 import kernels
+from kernels.cache_layout import K_TRANSPOSED, ROWS, write_slots
 
 from .step import HTStep, causal_blocks, pack_blocks
 
 STEP_KEY = "vllm_ht"
+log = logging.getLogger("vllm.ht")   # under vLLM's logger: its handler and format show our INFO lines
 
 
 def current_step() -> HTStep | None:
@@ -49,6 +58,9 @@ class HTAttentionMetadata:
     # CPU attention plans of this step, by row set ("real", "joint"); one metadata object serves
     # every layer of the step, so layer 0 builds a plan and the others reuse it.
     plans: dict = field(default_factory=dict)
+    cache_layout: str = ROWS        # kernels.cache_layout
+    isa: str | None = None          # CPU_ATTN's ISA (K_TRANSPOSED caches): writes use its op
+    native: CPUAttentionMetadata | None = None   # vLLM's own metadata: causal steps run its kernel
 
 
 def attend(md: HTAttentionMetadata, rows: str, query, kv_cache, query_start_loc, window_key, window_value,
@@ -60,7 +72,7 @@ def attend(md: HTAttentionMetadata, rows: str, query, kv_cache, query_start_loc,
         return kernels.tree_paged_attention(*args, scale, out=out)
     plan = md.plans.get(rows)
     if plan is None:
-        plan = md.plans[rows] = kernels.TreeAttentionPlan.build(*args, out)
+        plan = md.plans[rows] = kernels.TreeAttentionPlan.build(*args, out, cache_layout=md.cache_layout)
     return plan.run(query, kv_cache, window_key, window_value, scale, out)
 
 
@@ -78,13 +90,33 @@ def build_metadata(common) -> HTAttentionMetadata:
 
 
 class HTCPUMetadataBuilder(CPUAttentionMetadataBuilder):
-    """CPU_ATTN's builder minus its ISA scheduler metadata (our layout is plain)."""
+    """CPU_ATTN's builder minus its ISA scheduler metadata (ROWS caches: torch path only)."""
 
     def build(self, common_prefix_len, common_attn_metadata, fast_build: bool = False) -> HTAttentionMetadata:
         return build_metadata(common_attn_metadata)
 
 
+class HTNativeCPUMetadataBuilder(CPUAttentionMetadataBuilder):
+    """Ours plus CPU_ATTN's own (K_TRANSPOSED caches: causal steps run vLLM's kernel)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if native_cache_layout(self.isa, self.dtype, self.block_size, self.head_dim) != K_TRANSPOSED:
+            raise RuntimeError(f"vllm-ht: CPU attention ISA {self.isa!r} (dtype {self.dtype}, block size "
+                               f"{self.block_size}, head size {self.head_dim}) does not pack the cache as "
+                               f"{K_TRANSPOSED}, but the worker chose that layout; report this as a bug and "
+                               f"set additional_config vllm_ht.cpu_cache_layout='rows' meanwhile")
+
+    def build(self, common_prefix_len, common_attn_metadata, fast_build: bool = False) -> HTAttentionMetadata:
+        md = build_metadata(common_attn_metadata)
+        md.cache_layout, md.isa = K_TRANSPOSED, self.isa
+        md.native = super().build(common_prefix_len, common_attn_metadata, fast_build)
+        return md
+
+
 class HTAttentionImpl(AttentionImpl):
+    cache_layout = ROWS
+
     def __init__(self, num_heads: int, head_size: int, scale: float, num_kv_heads: int, alibi_slopes,
                  sliding_window, kv_cache_dtype: str, logits_soft_cap=None, attn_type: str = AttentionType.DECODER,
                  kv_sharing_target_layer_name: str | None = None, sinks=None) -> None:
@@ -101,7 +133,7 @@ class HTAttentionImpl(AttentionImpl):
 
     def do_kv_cache_update(self, layer, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
                            slot_mapping: torch.Tensor) -> None:
-        write_kv(kv_cache, key, value, slot_mapping)
+        write_kv(kv_cache, key, value, slot_mapping, self.cache_layout, getattr(layer, "isa", None))
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata: HTAttentionMetadata | None, output,
                 output_scale=None, output_block_scale=None) -> torch.Tensor:
@@ -109,6 +141,8 @@ class HTAttentionImpl(AttentionImpl):
             return output
         t = attn_metadata.num_actual_tokens
         step = current_step()
+        if attn_metadata.native is not None and (step is None or not step.trees):   # real rows causal
+            return self._native_forward(query, kv_cache, attn_metadata.native, output, t)
         bits = step.real_mask_bits if step is not None else attn_metadata.causal_bits
         attend(attn_metadata, "real", query[:t].view(t, self.num_heads, self.head_size), kv_cache,
                attn_metadata.query_start_loc, key[:t].view(t, self.num_kv_heads, self.head_size),
@@ -116,10 +150,69 @@ class HTAttentionImpl(AttentionImpl):
                out=output[:t].view(t, self.num_heads, self.head_size))
         return output
 
+    def _native_forward(self, query, kv_cache, md: CPUAttentionMetadata, output, t: int) -> torch.Tensor:
+        """vLLM's CPU attention kernel (what CPU_ATTN runs), on a K_TRANSPOSED cache."""
+        key_cache, value_cache = _native_halves(kv_cache)
+        ops.cpu_attention_with_kv_cache(
+            query=query[:t].view(t, self.num_heads, self.head_size), key_cache=key_cache,
+            value_cache=value_cache, output=output[:t].view(t, self.num_heads, self.head_size),
+            query_start_loc=md.query_start_loc, seq_lens=md.seq_lens, scale=self.scale, causal=md.causal,
+            alibi_slopes=None, sliding_window=-1, block_table=md.block_table, softcap=0.0,
+            scheduler_metadata=md.scheduler_metadata, s_aux=None, dynamic_causal=md.dynamic_causal)
+        return output
 
-def write_kv(kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+
+class HTNativeAttentionImpl(HTAttentionImpl):
+    cache_layout = K_TRANSPOSED
+
+
+def _native_halves(kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """CPU_ATTN's (key_cache, value_cache) views: [blocks, Hkv, block_size, D] each, as its ops take them."""
+    blocks, heads, block_size, _ = kv_cache.shape
+    return kv_cache.view(blocks, heads, block_size * 2, -1).chunk(2, dim=2)
+
+
+def native_cache_layout(isa: str, dtype: torch.dtype, block_size: int, head_size: int) -> str:
+    """K_TRANSPOSED when CPU_ATTN's cache writer for `isa` packs K/V exactly that way, else ROWS.
+
+    Checked, not assumed: random K/V go through vLLM's writer and through `kernels.cache_layout`'s,
+    and the two caches must be bit-identical (so an ISA that packs otherwise, e.g. AMX tiles, or a
+    future vLLM that changes the packing, falls back to the ROWS layout instead of misreading)."""
+    gen = torch.Generator().manual_seed(0)
+    heads, blocks = 2, 3
+    slots = torch.randperm(blocks * block_size, generator=gen)[: block_size + 3]
+    key, value = (torch.randn(slots.numel(), heads, head_size, generator=gen).to(dtype) for _ in range(2))
+    native = torch.zeros(blocks, heads, block_size, 2 * head_size, dtype=dtype)
+    try:
+        ops.cpu_attn_reshape_and_cache(key, value, *_native_halves(native), slots, isa)
+    except (RuntimeError, NotImplementedError):   # the ISA is not built into this vLLM
+        return ROWS
+    ours = torch.zeros_like(native)
+    write_slots(ours, torch.cat([key, value], dim=-1), slots, K_TRANSPOSED)
+    return K_TRANSPOSED if torch.equal(native, ours) else ROWS
+
+
+def cpu_backend_for(vllm_config, requested: str = "auto") -> str:
+    """The HT CPU backend class (import path) for this engine: native layout when the probe allows."""
+    isa = None
+    if requested == "auto":
+        mc, cc = vllm_config.model_config, vllm_config.cache_config
+        isa = _get_attn_isa(mc.dtype, cc.block_size, mc.get_head_size(), cc.cache_dtype)
+        requested = native_cache_layout(isa, mc.dtype, cc.block_size, mc.get_head_size())
+    log.info("vllm-ht: CPU KV cache layout %s%s", requested,
+             " (vLLM's own; causal steps run its attention kernel)" if requested == K_TRANSPOSED
+             else f" (CPU_ATTN's ISA {isa} packs otherwise)" if isa else " (asked for)")
+    name = "HTNativeCPUAttentionBackend" if requested == K_TRANSPOSED else "HTCPUAttentionBackend"
+    return f"{__name__}.{name}"
+
+
+def write_kv(kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tensor,
+             cache_layout: str = ROWS, isa: str | None = None) -> None:
     """key/value [T, Hkv, hd] -> slots (slot = block * block_size + offset; -1 = padding, skipped)."""
     t = slot_mapping.shape[0]
+    if cache_layout == K_TRANSPOSED:   # vLLM's own writer (it skips -1 slots)
+        ops.cpu_attn_reshape_and_cache(key[:t], value[:t], *_native_halves(kv_cache), slot_mapping, isa)
+        return
     slots = slot_mapping.long()
     rows = torch.cat([key[:t], value[:t]], dim=-1).to(kv_cache.dtype)       # [T, Hkv, 2 hd]
     if bool((slots < 0).any()):
@@ -149,3 +242,19 @@ class HTCPUAttentionBackend(CPUAttentionBackend):
     @staticmethod
     def get_builder_cls():
         return HTCPUMetadataBuilder
+
+
+class HTNativeCPUAttentionBackend(HTCPUAttentionBackend):
+    """The same, over CPU_ATTN's own K_TRANSPOSED cache (its layout and block interiors)."""
+
+    @classmethod
+    def supported_kv_cache_layouts(cls) -> tuple[KVCacheLayout, ...]:
+        return CPUAttentionBackend.supported_kv_cache_layouts()
+
+    @staticmethod
+    def get_impl_cls():
+        return HTNativeAttentionImpl
+
+    @staticmethod
+    def get_builder_cls():
+        return HTNativeCPUMetadataBuilder

@@ -87,10 +87,11 @@ def check_model(model: str, opts: HTOptions, tensor_parallel_size: int = 1) -> N
 
 def ht_engine_kwargs(model: str, checkpoint: str | None = None, num_nodes: int | None = None,
                      row_budget: int | None = None, pseudo_nodes: int | None = None,
-                     tensor_parallel_size: int = 1) -> dict:
+                     tensor_parallel_size: int = 1, cpu_cache_layout: str = "auto") -> dict:
     """vLLM engine arguments that turn on Hidden Transfer (for `LLM(...)` / `EngineArgs(...)`)."""
     opts = HTOptions(checkpoint=str(Path(checkpoint).resolve()) if checkpoint else None, num_nodes=num_nodes,
-                     pseudo_nodes=pseudo_nodes, **({"row_budget": row_budget} if row_budget else {}))
+                     pseudo_nodes=pseudo_nodes, cpu_cache_layout=cpu_cache_layout,
+                     **({"row_budget": row_budget} if row_budget else {}))
     check_model(model, opts, tensor_parallel_size)
     return {"speculative_config": {"method": "custom_class", "model": "vllm_ht.vllm.proposer.HTProposer",
                                    "num_speculative_tokens": opts.max_nodes},

@@ -99,7 +99,7 @@ class HTLlamaForCausalLM(LlamaForCausalLM):
         q, k, v = q.view(n, -1, hd), k.view(n, -1, hd), v.view(n, -1, hd)
         md = get_forward_context().attn_metadata[attn.attn.layer_name]
         kv_cache = attn.attn.kv_cache
-        write_kv(kv_cache, k[:num_real], v[:num_real], md.slot_mapping)
+        write_kv(kv_cache, k[:num_real], v[:num_real], md.slot_mapping, md.cache_layout, md.isa)
         order = layout.order.to(q.device)
         start = layout.start_loc.to(q.device)
         out = attend(md, "joint", q[order], kv_cache, start, k[order], v[order], layout.mask_bits.to(q.device),

@@ -11,6 +11,7 @@ KEY = "vllm_ht"
 # policy (vllm_ht/vllm/policy.py), which usually picks far fewer.
 DEFAULT_ROW_BUDGET = 32
 MAX_NODES = 64
+CPU_CACHE_LAYOUTS = ("auto", "rows")
 
 
 @dataclass
@@ -26,6 +27,9 @@ class HTOptions:
     row_cost: float = StepCost.row
     pseudo_row_cost: float = StepCost.pseudo_row
     step_overhead: float = StepCost.fixed
+    # CPU KV cache layout: "auto" keeps vLLM CPU_ATTN's own packing where its ISA writes one we
+    # read (then causal steps run vLLM's kernel), else "rows"; "rows" forces the plain layout.
+    cpu_cache_layout: str = "auto"
 
     def __post_init__(self) -> None:
         if self.num_nodes is not None and not 0 <= self.num_nodes <= MAX_NODES:
@@ -35,6 +39,8 @@ class HTOptions:
         if self.row_budget < 1:
             raise ValueError(f"row_budget={self.row_budget} must be >= 1")
         StepCost(self.row_cost, self.pseudo_row_cost, self.step_overhead)   # validates
+        if self.cpu_cache_layout not in CPU_CACHE_LAYOUTS:
+            raise ValueError(f"cpu_cache_layout={self.cpu_cache_layout!r}: choose one of {CPU_CACHE_LAYOUTS}")
 
     @property
     def cost(self) -> StepCost:

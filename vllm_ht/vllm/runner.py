@@ -53,6 +53,7 @@ class HTRunnerMixin:
         self._ht_step: HTStep | None = None
         self._ht_accepted: dict[int, list[int]] = {}  # request index -> accepted local rows
         self._ht_block_table = None
+        self._ht_cache_layout = kernels.ROWS
 
     def execute_model(self, scheduler_output, intermediate_tensors=None):
         self._ht_sched = scheduler_output
@@ -116,7 +117,9 @@ class HTRunnerMixin:
         self._ht_step = step
         md = fc.attn_metadata
         if isinstance(md, dict) and md:
-            self._ht_block_table = next(iter(md.values())).block_table
+            first = next(iter(md.values()))
+            self._ht_block_table = first.block_table
+            self._ht_cache_layout = getattr(first, "cache_layout", kernels.ROWS)
         try:
             return super()._model_forward(input_ids, positions, intermediate_tensors, inputs_embeds, **model_kwargs)
         finally:
@@ -176,7 +179,7 @@ class HTRunnerMixin:
             kernels.compact_kv(self.kv_caches, self._ht_block_table,
                                torch.tensor(src, dtype=torch.int32, device=dev),
                                torch.tensor(dst, dtype=torch.int32, device=dev),
-                               torch.tensor(loc, dtype=torch.int32, device=dev))
+                               torch.tensor(loc, dtype=torch.int32, device=dev), self._ht_cache_layout)
 
     # ---- seeded requests in partial prefill (vLLM CPU) ---------------------------------------
     def _snapshot_discarded_generators(self) -> dict:

@@ -11,6 +11,8 @@ from vllm.v1.worker import cpu_worker
 from vllm.v1.worker.cpu_model_runner import CPUModelRunner
 from vllm.v1.worker.cpu_worker import CPUWorker
 
+from .attention import cpu_backend_for
+from .options import HTOptions
 from .runner import HTRunnerMixin
 
 
@@ -21,11 +23,13 @@ class HTCPUModelRunner(HTRunnerMixin, CPUModelRunner):
 
 
 class HTCPUWorker(CPUWorker):
-    def __init__(self, *args, **kwargs):
-        # CpuPlatform always picks CPU_ATTN: point that name at the plain-layout HT backend
+    def __init__(self, vllm_config, *args, **kwargs):
+        # CpuPlatform always picks CPU_ATTN: point that name at the HT backend (the one over
+        # CPU_ATTN's own cache layout when this CPU's attention ISA writes a layout we read)
         # before the model (and its attention layers) is built in this process.
-        register_backend(AttentionBackendEnum.CPU_ATTN, "vllm_ht.vllm.attention.HTCPUAttentionBackend")
-        super().__init__(*args, **kwargs)
+        requested = HTOptions.from_vllm_config(vllm_config).cpu_cache_layout
+        register_backend(AttentionBackendEnum.CPU_ATTN, cpu_backend_for(vllm_config, requested))
+        super().__init__(vllm_config, *args, **kwargs)
 
     def init_device(self):
         # CPUWorker builds its runner inline from the module global: swap the class in for that call
