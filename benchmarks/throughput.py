@@ -9,7 +9,7 @@ wall time; speedup is against plain vLLM at the same batch size in the same run;
 per-request means from vLLM's request stats; tau is the mean accepted length (bonus included) from
 vLLM's spec-decode counters; identical_to_plain is the fraction of requests whose tokens equal
 plain vLLM's (exact in fp32; in bf16 plain vLLM itself changes with the batch shape).
-Methods run in their default vLLM mode (plain and ngram compiled, HT eager) unless --enforce-eager.
+Every method runs in vLLM's default mode (compiled) unless --enforce-eager.
 Writes a JSON (rows + hardware, versions, dtype, git commit), a PNG beside it, and prints a table.
 """
 from __future__ import annotations
@@ -166,7 +166,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--methods", type=lambda v: v.split(","), default=list(METHODS))
     p.add_argument("--ht-num-nodes", type=int, help="fixed HT tree size (default: the per-batch policy)")
     p.add_argument("--ignore-eos", action="store_true", help="always generate --max-tokens tokens")
-    p.add_argument("--enforce-eager", action="store_true", help="run every method eagerly (HT always is)")
+    p.add_argument("--enforce-eager", action="store_true", help="run every method eagerly")
     p.add_argument("--tensor-parallel-size", type=int, default=1)
     p.add_argument("--json", default="throughput.json", help="output JSON; the PNG goes beside it")
     args = p.parse_args(argv)

@@ -56,7 +56,9 @@ def test_chain_only_requests_identical_to_plain(model_dir, tmp_path):
     """Penalties and logprobs get no drafts: HT must give exactly plain vLLM's tokens."""
     args = ["--limit", "4", "--max-tokens", "32", "--repetition-penalty", "1.3", "--logprobs", "2"]
     plain = run_engine(model_dir, tmp_path / "p.json", *args)
-    ht = run_engine(model_dir, tmp_path / "h.json", "--method", "ht", "--checkpoint", str(trained_checkpoint()), *args)
+    # a fixed tree: the drafts these requests would otherwise get are what the check is about
+    ht = run_engine(model_dir, tmp_path / "h.json", "--method", "ht", "--checkpoint", str(trained_checkpoint()),
+                    "--num-nodes", "4", *args)
     assert ht["runs"]["1"]["outputs"] == plain["runs"]["1"]["outputs"]
     assert ht["runs"]["1"]["num_drafts"] == 0
 

@@ -46,6 +46,9 @@ def server(model_dir, tmp_path_factory):
     log = tmp_path_factory.mktemp("server") / "server.log"
     cmd = _vllm_command() + ["serve", str(model_dir), "--speculative-model", "hidden_transfer",
                              "--ht-checkpoint", str(trained_checkpoint()), "--dtype", "float32",
+                             # eager like the plain engine it is compared with; a fixed 4-node tree, as
+                             # the cost policy drafts at no batch size on this CPU
+                             "--enforce-eager", "--ht-num-nodes", "4",
                              "--host", "127.0.0.1", "--port", str(port), "--max-model-len", "2048",
                              "--per-request-spec-decode-metrics", "summary"]
     env = {**os.environ, "VLLM_CPU_NUM_OF_RESERVED_CPU": "0", "VLLM_HOST_IP": "127.0.0.1",

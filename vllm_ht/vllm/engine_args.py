@@ -7,7 +7,6 @@ is the same as the explicit long form
         --worker-cls vllm_ht.vllm.worker.HTCPUWorker
         --hf-overrides '{"architectures": ["HTLlamaForCausalLM"]}'
         --additional-config '{"vllm_ht": {"checkpoint": "DIR", "num_nodes": null, "row_budget": 32}}'
-        --enforce-eager
 and offline: `LLM(MODEL, **ht_engine_kwargs(MODEL, checkpoint="DIR"))`.
 The checkpoint is checked against the model here, before vLLM allocates anything.
 """
@@ -97,8 +96,7 @@ def ht_engine_kwargs(model: str, checkpoint: str | None = None, num_nodes: int |
                                    "num_speculative_tokens": opts.max_nodes},
             "worker_cls": worker_cls(),
             "hf_overrides": {"architectures": [HT_ARCH]},
-            "additional_config": {KEY: opts.to_dict()},
-            "enforce_eager": True}
+            "additional_config": {KEY: opts.to_dict()}}
 
 
 def add_ht_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -138,5 +136,4 @@ def expand_namespace(args: argparse.Namespace) -> None:
     args.worker_cls = kw["worker_cls"]
     args.hf_overrides = {**(getattr(args, "hf_overrides", None) or {}), **kw["hf_overrides"]}
     args.additional_config = {**(getattr(args, "additional_config", None) or {}), **kw["additional_config"]}
-    args.enforce_eager = True
     args.speculative_model = None  # expanded once, even if from_cli_args runs again

@@ -9,11 +9,13 @@ the plain model's. Pseudo final states go to HTStep.pseudo_hidden [P, k, d] for 
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from types import SimpleNamespace
 
 import torch
 from vllm.forward_context import get_forward_context
+from vllm.model_executor.custom_op import CustomOp
 from vllm.model_executor.models.llama import LlamaForCausalLM
 
 from ..checkpoint import load_checkpoint
@@ -55,7 +57,29 @@ class HTLlamaForCausalLM(LlamaForCausalLM):
         step = current_step()
         if step is None or step.anchors.numel() == 0 or get_forward_context().attn_metadata is None:
             return super().forward(input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)
-        return self._forward_ht(input_ids, positions, inputs_embeds, step)
+        with self._cpu_kernels():
+            return self._forward_ht(input_ids, positions, inputs_embeds, step)
+
+    @contextlib.contextmanager
+    def _cpu_kernels(self):
+        """Steps with pseudo rows run the layers eagerly, outside vLLM's compiled graph. When vLLM
+        compiles (no --enforce-eager) its custom ops are set to their torch-native forms, written for
+        inductor to fuse and slow when run op by op; for these steps they get back the kernels an
+        eager engine uses (on CPU: vLLM's C++ ops), and the compiled graph is left untouched."""
+        if not hasattr(self, "_ht_native_ops"):
+            self._ht_native_ops = [m for m in self.modules()
+                                   if isinstance(m, CustomOp) and m._forward_method != m.forward_cpu]
+        if not self._ht_native_ops or not torch.device(self.ht_weight.device).type == "cpu":
+            yield
+            return
+        saved = [m._forward_method for m in self._ht_native_ops]
+        for m in self._ht_native_ops:
+            m._forward_method = m.forward_cpu
+        try:
+            yield
+        finally:
+            for m, f in zip(self._ht_native_ops, saved):
+                m._forward_method = f
 
     def _forward_ht(self, input_ids, positions, inputs_embeds, step):
         m = self.model

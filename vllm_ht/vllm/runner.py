@@ -88,7 +88,9 @@ class HTRunnerMixin:
                 last_rows[i] = n - 1                  # samples this step (partial prefill chunks do not)
             start += n
         anchors = {}
-        if self.drafter.plan_for_batch(len(trees) + len(last_rows)).drafts:   # else: no pseudo rows at all
+        # The policy's batch size is every request in the step (prefill chunks too): counting only
+        # the sampling ones would plan batch-1 trees while other prompts are still prefilling.
+        if self.drafter.plan_for_batch(batch.num_reqs).drafts:   # else: no pseudo rows at all
             anchors = {i: self.drafter.anchor_nodes(tree) for i, tree in trees.items()}
             anchors.update({i: [row] for i, row in last_rows.items() if self._wants_drafts(req_ids[i])})
         return HTStep.build(q_lens, trees, anchors), new_pos
@@ -210,7 +212,7 @@ class HTRunnerMixin:
     # ---- drafting --------------------------------------------------------------------------
     def propose_draft_token_ids(self, scheduler_output, sampled_token_ids, *args, **kwargs):
         live = [i for i, toks in enumerate(sampled_token_ids) if toks]
-        tree = self.drafter.tree_for_batch(len(live))
+        tree = self.drafter.tree_for_batch(self.input_batch.num_reqs)   # as in _build_step
         result = self._from_first_rank(self._propose(sampled_token_ids, live, tree))
         self.ht_trees = {self.input_batch.req_ids[i]: (tree, drafts) for i, drafts in enumerate(result) if drafts}
         return result
