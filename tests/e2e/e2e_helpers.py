@@ -14,10 +14,10 @@ CHECKPOINT = REPO / "checkpoints" / "smollm2-135m-instruct"
 MT_BENCH = REPO / "data" / "mt_bench_question.jsonl"
 
 
-def run_engine(model_dir, out: Path, *args: str, timeout: int = 900) -> dict:
-    """One engine, one process; fp32 + eager unless the args say otherwise."""
+def run_engine(model_dir, out: Path, *args: str, timeout: int = 900, eager: bool = True) -> dict:
+    """One engine, one process; fp32 unless the args say otherwise; eager unless eager=False."""
     cmd = [sys.executable, "-m", "vllm_ht.vllm.offline", "--model", str(model_dir), "--prompts", str(MT_BENCH),
-           "--dtype", "float32", "--enforce-eager", "--out", str(out), *args]
+           "--dtype", "float32", *(["--enforce-eager"] if eager else []), "--out", str(out), *args]
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     if proc.returncode != 0:

@@ -1,5 +1,7 @@
 """Bad HT setups stop before vLLM allocates anything, with a message naming the fix."""
+import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -9,7 +11,7 @@ import pytest
 from vllm_ht.checkpoint import save_checkpoint
 from vllm_ht.config import ConfigError, HiddenTransferConfig
 from vllm_ht.projections import TransferProjections
-from vllm_ht.vllm.engine_args import ht_engine_kwargs
+from vllm_ht.vllm.engine_args import expand_namespace, ht_engine_kwargs
 
 
 def _checkpoint(tmp_path: Path, **overrides) -> Path:
@@ -122,3 +124,23 @@ def test_identity_kwargs_shape(model_dir):
     assert kw["speculative_config"]["num_speculative_tokens"] == 4
     assert kw["hf_overrides"] == {"architectures": ["HTLlamaForCausalLM"]}
     assert kw["additional_config"]["vllm_ht"]["checkpoint"] is None
+
+
+def _serve_args(model_dir, extra: dict) -> argparse.Namespace:
+    return argparse.Namespace(model=str(model_dir), speculative_model="hidden_transfer", ht_checkpoint=None,
+                              ht_num_nodes=None, speculative_config=None, pipeline_parallel_size=1,
+                              distributed_executor_backend=None, tensor_parallel_size=1, hf_overrides=None,
+                              additional_config={"vllm_ht": extra})
+
+
+def test_additional_config_options_survive_the_short_form(model_dir, monkeypatch):
+    """`--speculative-model hidden_transfer --additional-config '{"vllm_ht": {...}}'` keeps the
+    user's HT options (the README's way to set costs or the CPU cache layout)."""
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "auto"))
+    args = _serve_args(model_dir, {"cpu_cache_layout": "rows", "step_overhead": 0.5, "row_budget": 8})
+    expand_namespace(args)
+    ht = args.additional_config["vllm_ht"]
+    assert (ht["cpu_cache_layout"], ht["step_overhead"], ht["row_budget"]) == ("rows", 0.5, 8)
+    assert args.speculative_config["num_speculative_tokens"] == 7          # row_budget 8 - the root
+    with pytest.raises(SystemExit, match=r"unknown Hidden Transfer option\(s\) \['row_cots'\]"):
+        expand_namespace(_serve_args(model_dir, {"row_cots": 0.1}))

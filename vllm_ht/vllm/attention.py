@@ -3,12 +3,14 @@
 KV layout, per layer the logical view [num_blocks, num_kv_heads, block_size, 2 * head_size]
 (`kernels.cache_layout` says what the memory means):
   - K_TRANSPOSED, vLLM CPU_ATTN's own packing, on CPUs whose attention ISA writes it ("vec",
-    "vec16"; checked by a probe write at start-up, `cpu_cache_layout`). Steps whose real rows are
-    causal (prefill, plain decode, every step the policy gives no drafts) then run vLLM's native
-    CPU attention kernel, as plain vLLM does; tree rows and pseudo rows read the packed blocks
-    through the planned torch path.
-  - ROWS everywhere else (AMX, Arm, or when asked): K || V on the last axis over token-major
-    memory (vLLM's LBNHC), so the CPU path gathers a sequence's context as one row copy per token.
+    "vec16"; checked by a probe write at start-up, `cpu_cache_layout`). Backend calls in a step
+    without trees (prefill, plain decode; in steps with pseudo rows, the layers below the transfer
+    layer) then run vLLM's native CPU attention kernel, as plain vLLM does; tree rows, and every
+    row of the joint layers above the transfer layer, read the packed blocks through the planned
+    torch path.
+  - ROWS wherever the probe finds another packing (e.g. AMX tiles), or when asked: K || V on the
+    last axis over token-major memory (vLLM's LBNHC), so the CPU path gathers a sequence's context
+    as one row copy per token.
 
 Every row attends to (a) its request's cached context (tokens before this step) and (b) this
 step's window under a bitmask (`kernels.tree_paged_attention`, Triton, on CUDA; on the CPU a

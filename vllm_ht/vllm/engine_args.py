@@ -86,11 +86,24 @@ def check_model(model: str, opts: HTOptions, tensor_parallel_size: int = 1) -> N
 
 def ht_engine_kwargs(model: str, checkpoint: str | None = None, num_nodes: int | None = None,
                      row_budget: int | None = None, pseudo_nodes: int | None = None,
-                     tensor_parallel_size: int = 1, cpu_cache_layout: str = "auto") -> dict:
-    """vLLM engine arguments that turn on Hidden Transfer (for `LLM(...)` / `EngineArgs(...)`)."""
-    opts = HTOptions(checkpoint=str(Path(checkpoint).resolve()) if checkpoint else None, num_nodes=num_nodes,
-                     pseudo_nodes=pseudo_nodes, cpu_cache_layout=cpu_cache_layout,
-                     **({"row_budget": row_budget} if row_budget else {}))
+                     tensor_parallel_size: int = 1, cpu_cache_layout: str | None = None,
+                     options: dict | None = None) -> dict:
+    """vLLM engine arguments that turn on Hidden Transfer (for `LLM(...)` / `EngineArgs(...)`).
+
+    `options`: further HTOptions fields (e.g. the user's `--additional-config '{"vllm_ht": {...}}'`:
+    cost terms, cpu_cache_layout); the explicit arguments win where given."""
+    given = {"num_nodes": num_nodes, "pseudo_nodes": pseudo_nodes, "row_budget": row_budget,
+             "cpu_cache_layout": cpu_cache_layout}
+    fields = {**(options or {}), **{k: v for k, v in given.items() if v is not None}}
+    if checkpoint:
+        fields["checkpoint"] = checkpoint
+    if fields.get("checkpoint"):
+        fields["checkpoint"] = str(Path(fields["checkpoint"]).resolve())
+    unknown = sorted(set(fields) - set(HTOptions.__dataclass_fields__))
+    if unknown:
+        raise ValueError(f"unknown Hidden Transfer option(s) {unknown} in additional_config['{KEY}']; "
+                         f"known: {sorted(HTOptions.__dataclass_fields__)}")
+    opts = HTOptions(**fields)
     check_model(model, opts, tensor_parallel_size)
     return {"speculative_config": {"method": "custom_class", "model": "vllm_ht.vllm.proposer.HTProposer",
                                    "num_speculative_tokens": opts.max_nodes},
@@ -125,7 +138,9 @@ def expand_namespace(args: argparse.Namespace) -> None:
         sys.exit(f"vllm-ht: {RAY_ON_CPU}")
     tp = getattr(args, "tensor_parallel_size", 1) or 1
     try:
-        kw = ht_engine_kwargs(args.model, args.ht_checkpoint, args.ht_num_nodes, tensor_parallel_size=tp)
+        user = (getattr(args, "additional_config", None) or {}).get(KEY) or {}
+        kw = ht_engine_kwargs(args.model, args.ht_checkpoint, args.ht_num_nodes, tensor_parallel_size=tp,
+                              options=user)
     except (ConfigError, ValueError) as e:
         sys.exit(f"vllm-ht: {e}")
     if _on_cpu():

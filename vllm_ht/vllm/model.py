@@ -64,8 +64,9 @@ class HTLlamaForCausalLM(LlamaForCausalLM):
     def _cpu_kernels(self):
         """Steps with pseudo rows run the layers eagerly, outside vLLM's compiled graph. When vLLM
         compiles (no --enforce-eager) its custom ops are set to their torch-native forms, written for
-        inductor to fuse and slow when run op by op; for these steps they get back the kernels an
-        eager engine uses (on CPU: vLLM's C++ ops), and the compiled graph is left untouched."""
+        inductor to fuse and slow when run op by op; for these steps they get back the forms an
+        eager engine uses (on CPU: vLLM's C++ rotary and SiluAndMul; RMSNorm's is the same either
+        way), and the compiled graph is left untouched."""
         if not hasattr(self, "_ht_native_ops"):
             self._ht_native_ops = [m for m in self.modules()
                                    if isinstance(m, CustomOp) and m._forward_method != m.forward_cpu]

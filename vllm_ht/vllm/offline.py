@@ -24,7 +24,7 @@ def engine_kwargs(args) -> dict:
         return ht_engine_kwargs(args.model, checkpoint=args.checkpoint, num_nodes=args.num_nodes,
                                 row_budget=args.row_budget, pseudo_nodes=args.pseudo_nodes,
                                 tensor_parallel_size=args.tensor_parallel_size,
-                                cpu_cache_layout=args.cpu_cache_layout)
+                                cpu_cache_layout=None if args.cpu_cache_layout == "auto" else args.cpu_cache_layout)
     if args.method == "ngram":
         return {"speculative_config": {"method": "ngram", "num_speculative_tokens": 3,
                                        "prompt_lookup_max": 3, "prompt_lookup_min": 1}}

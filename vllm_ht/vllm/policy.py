@@ -43,7 +43,8 @@ class StepCost:
     pseudo_row: float = 0.03   # one pseudo row: the layers from the transfer layer up
     # per HT step: tree masks, attention plans, verification, compaction, and what the row terms
     # miss. Fitted to measured batch-1 decoding with the shipped checkpoint (3-draft tree, 2 anchors,
-    # eager): 1.65 decode steps per HT step, of which the row terms explain 0.35.
+    # eager): 1.65 decode steps per HT step, of which the row terms explain 0.35. (A compiled engine
+    # runs these steps eagerly against a faster plain step, so there drafting costs more still.)
     fixed: float = 0.30
 
     def __post_init__(self) -> None:

@@ -42,7 +42,8 @@ class HTProposer:
         return accuracy_table(self.ht_config.topr_accuracy, self.ht_config.num_steps)
 
     def plan_for_batch(self, batch_size: int) -> DraftPlan:
-        """The tree and anchors for a step with `batch_size` sampling requests (cached per size)."""
+        """The tree and anchors for a step with `batch_size` requests (all of them, prefill chunks
+        included; cached per size)."""
         batch_size = max(batch_size, 1)
         if batch_size not in self._plans:
             self._plans[batch_size] = plan = self._make_plan(batch_size)
