@@ -80,18 +80,19 @@ def sample_token(logits: torch.Tensor, params: SamplingParams,
 
 def verify_tree(tree: TokenTree, tokens: torch.Tensor, logits: torch.Tensor,
                 params: SamplingParams = SamplingParams(),
-                generator: torch.Generator | None = None) -> VerifyResult:
+                generator: torch.Generator | None = None, argmax: list[int] | None = None) -> VerifyResult:
     """Walk the tree from the root.
 
     tree: the step's TokenTree;  tokens: [N+1] node tokens (root first);  logits: [N+1, V],
-    the target's logits at each node's row.
+    the target's logits at each node's row;  argmax: greedy only, logits.argmax(-1) as a list when
+    the caller already has it (one reduction for a whole batch).
     """
     if tokens.shape[0] != tree.num_nodes or logits.shape[0] != tree.num_nodes:
         raise ValueError(f"tokens {tuple(tokens.shape)} / logits {tuple(logits.shape)} do not match a "
                          f"tree of {tree.num_nodes} nodes")
     toks = tokens.tolist()
     if params.greedy:  # all argmaxes at once: one reduction instead of one per visited node
-        picks = logits.argmax(-1).tolist()
+        picks = logits.argmax(-1).tolist() if argmax is None else argmax
         draw = lambda v: picks[v]  # noqa: E731
     else:
         draw = lambda v: sample_token(logits[v], params, generator)  # noqa: E731

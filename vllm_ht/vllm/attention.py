@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import torch
 from vllm import _custom_ops as ops
 from vllm.forward_context import get_forward_context
+from vllm.model_executor.models.utils import extract_layer_index
 from vllm.v1.attention.backend import AttentionImpl, AttentionType
 from vllm.v1.attention.backends.cpu_attn import (CPUAttentionBackend, CPUAttentionMetadata,
                                                  CPUAttentionMetadataBuilder, _get_attn_isa)
@@ -34,7 +35,7 @@ from vllm.v1.kv_cache_layout import KVCacheLayout
 import kernels
 from kernels.cache_layout import K_TRANSPOSED, ROWS, write_slots
 
-from .step import HTStep, causal_blocks, pack_blocks
+from .step import HTStep, PseudoRows, causal_blocks, pack_blocks
 
 STEP_KEY = "vllm_ht"
 log = logging.getLogger("vllm.ht")   # under vLLM's logger: its handler and format show our INFO lines
@@ -57,7 +58,7 @@ class HTAttentionMetadata:
     block_table: torch.Tensor       # [B, max_blocks] int32
     slot_mapping: torch.Tensor      # [T] int64
     causal_bits: torch.Tensor       # [T, words] int32: the causal window mask, for plain steps
-    # CPU attention plans of this step, by row set ("real", "joint"); one metadata object serves
+    # CPU attention plans of this step, by row set ("real", "pseudo<join layer>"); one metadata object serves
     # every layer of the step, so layer 0 builds a plan and the others reuse it.
     plans: dict = field(default_factory=dict)
     cache_layout: str = ROWS        # kernels.cache_layout
@@ -66,10 +67,12 @@ class HTAttentionMetadata:
 
 
 def attend(md: HTAttentionMetadata, rows: str, query, kv_cache, query_start_loc, window_key, window_value,
-           window_mask, scale: float, out=None) -> torch.Tensor:
-    """Rows vs (cached context + this step's window keys); the window keys are the rows' own."""
+           window_mask, scale: float, out=None, window_start_loc=None) -> torch.Tensor:
+    """Rows vs (cached context + this step's window keys); by default the window keys are the rows'
+    own (window_start_loc = query_start_loc)."""
+    wsl = query_start_loc if window_start_loc is None else window_start_loc
     args = (query, kv_cache, md.block_table, md.context_lens, query_start_loc, window_key, window_value,
-            query_start_loc, window_mask)
+            wsl, window_mask)
     if query.is_cuda:
         return kernels.tree_paged_attention(*args, scale, out=out)
     plan = md.plans.get(rows)
@@ -131,6 +134,7 @@ class HTAttentionImpl(AttentionImpl):
                              f"sliding windows, ALiBi, soft-capping or a quantised KV cache.")
         self.num_heads, self.head_size, self.scale = num_heads, head_size, float(scale)
         self.num_kv_heads = num_kv_heads
+        self._layer_index: int | None = None   # this layer's module index (from its name, on first use)
         self.kv_sharing_target_layer_name = kv_sharing_target_layer_name
 
     def do_kv_cache_update(self, layer, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
@@ -141,16 +145,39 @@ class HTAttentionImpl(AttentionImpl):
                 output_scale=None, output_block_scale=None) -> torch.Tensor:
         if attn_metadata is None:  # profiling / warm-up runs
             return output
-        t = attn_metadata.num_actual_tokens
+        t = attn_metadata.num_actual_tokens          # real rows: from the metadata, not query.shape
         step = current_step()
         if attn_metadata.native is not None and (step is None or not step.trees):   # real rows causal
-            return self._native_forward(query, kv_cache, attn_metadata.native, output, t)
-        bits = step.real_mask_bits if step is not None else attn_metadata.causal_bits
-        attend(attn_metadata, "real", query[:t].view(t, self.num_heads, self.head_size), kv_cache,
-               attn_metadata.query_start_loc, key[:t].view(t, self.num_kv_heads, self.head_size),
-               value[:t].view(t, self.num_kv_heads, self.head_size), bits.to(query.device), self.scale,
-               out=output[:t].view(t, self.num_heads, self.head_size))
+            self._native_forward(query, kv_cache, attn_metadata.native, output, t)
+        else:
+            bits = step.real_mask_bits if step is not None else attn_metadata.causal_bits
+            attend(attn_metadata, "real", query[:t].view(t, self.num_heads, self.head_size), kv_cache,
+                   attn_metadata.query_start_loc, key[:t].view(t, self.num_kv_heads, self.head_size),
+                   value[:t].view(t, self.num_kv_heads, self.head_size), bits.to(query.device), self.scale,
+                   out=output[:t].view(t, self.num_heads, self.head_size))
+        if step is not None and step.pseudo is not None:
+            self._pseudo_forward(layer, query, key, value, kv_cache, attn_metadata, output, step.pseudo)
         return output
+
+    def _pseudo_forward(self, layer, query, key, value, kv_cache, md: HTAttentionMetadata, output,
+                        p: PseudoRows) -> None:
+        """Pseudo rows: nothing below their transfer layer (zeros); from there, their anchor's
+        context and window plus their own group (step.py), reading keys, never writing them."""
+        if self._layer_index is None:
+            self._layer_index = extract_layer_index(layer.layer_name)
+        rows = slice(p.start, p.start + p.num_rows)
+        n, hd = p.num_rows, self.head_size
+        out = output[rows].view(n, self.num_heads, hd)
+        group = p.group_for_layer(self._layer_index)
+        if group is None:
+            out.zero_()
+            return
+        win = p.window_rows.to(query.device)
+        kv_heads = self.num_kv_heads
+        attend(md, f"pseudo{group}", query[rows].view(n, self.num_heads, hd),
+               kv_cache, p.query_start_loc.to(query.device), key.view(-1, kv_heads, hd)[win],
+               value.view(-1, kv_heads, hd)[win], p.masks[group].to(query.device), self.scale, out=out,
+               window_start_loc=p.window_start_loc.to(query.device))
 
     def _native_forward(self, query, kv_cache, md: CPUAttentionMetadata, output, t: int) -> torch.Tensor:
         """vLLM's CPU attention kernel (what CPU_ATTN runs), on a K_TRANSPOSED cache."""

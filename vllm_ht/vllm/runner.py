@@ -1,9 +1,10 @@
 """The HT model runner: vLLM's V1 runner with tree verification, KV compaction and tree drafting.
 
 One step, per request (DESIGN §1, in vLLM's terms):
-  _model_forward   tree requests get depth positions (root position + depth) and the tree mask;
-                   every node (and the last row of a plain decode/prefill) becomes an anchor
-                   with k pseudo rows (HTStep in the forward context);
+  _model_forward   tree requests get depth positions (root position + depth, written in place)
+                   and the tree mask; the policy's anchor nodes (and the last row of a plain
+                   decode/prefill) get D pseudo rows, D the depth the next tree reads: extra input
+                   rows of the same compiled forward (HTStep in the forward context, step.py);
   _sample          vLLM's own sampler runs first (plain requests stay exactly stock); each tree
                    request is then re-decided by `verify_tree` and its accepted nodes' K/V are
                    compacted to contiguous slots, so the scheduler's count-based rollback is right;
@@ -15,10 +16,12 @@ drafts and decode plainly.
 from __future__ import annotations
 
 import functools
-import logging
+from collections import Counter
+from dataclasses import dataclass, field
 
 import torch
 from vllm.forward_context import get_forward_context
+from vllm.logger import init_logger
 
 import kernels
 
@@ -27,8 +30,7 @@ from ..verify import SamplingParams, verify_tree
 from .attention import STEP_KEY
 from .step import HTStep
 
-log = logging.getLogger(__name__)
-_warned_chain_only = False
+log = init_logger(__name__)
 
 
 def chain_only_reason(sp) -> str | None:
@@ -44,56 +46,79 @@ def chain_only_reason(sp) -> str | None:
     return next((name for name, hit in checks.items() if hit), None)
 
 
+@dataclass
+class StepState:
+    """One engine step's HT state: created by `execute_model`, cleared after drafting.
+
+    Hook order in vLLM's V1 runner (each reads what the ones before it wrote):
+      execute_model            StepState(sched)
+      _model_forward           .step (tree masks, pseudo rows), .block_table, .cache_layout;
+                               after the forward .pseudo_hidden
+      sample_tokens -> _sample .rng_snapshots, .accepted (verification), then KV compaction
+      _bookkeeping_sync        restores .rng_snapshots
+      propose_draft_token_ids  the next trees from .pseudo_hidden; the state is dropped
+    """
+    sched: object                                      # vLLM's SchedulerOutput
+    step: HTStep | None = None
+    pseudo_hidden: torch.Tensor | None = None          # [A, D, d] final-normed pseudo states
+    accepted: dict[int, list[int]] = field(default_factory=dict)   # request index -> accepted rows
+    block_table: torch.Tensor | None = None
+    cache_layout: str = kernels.ROWS
+    rng_snapshots: dict = field(default_factory=dict)
+
+
 class HTRunnerMixin:
-    """Mixed into GPUModelRunner / CPUModelRunner (V1). State lives in explicit attributes."""
+    """Mixed into GPUModelRunner / CPUModelRunner (V1). Per-step state lives in `self.ht` (StepState)."""
 
     def _ht_setup(self) -> None:
         self.ht_trees: dict[str, tuple] = {}         # req_id -> (TokenTree, draft tokens) we proposed
-        self._ht_sched = None
-        self._ht_step: HTStep | None = None
-        self._ht_accepted: dict[int, list[int]] = {}  # request index -> accepted local rows
-        self._ht_block_table = None
-        self._ht_cache_layout = kernels.ROWS
+        self.ht: StepState | None = None
+        self._ht_ids = torch.zeros(0, dtype=torch.int32)     # persistent input buffers (real + pseudo rows)
+        self._ht_pos = torch.zeros(0, dtype=torch.int64)
+        self.ht_step_counts: Counter = Counter()      # steps by kind ("plain", "tree", "pseudo", "padded")
 
     def execute_model(self, scheduler_output, intermediate_tensors=None):
-        self._ht_sched = scheduler_output
+        self.ht = StepState(sched=scheduler_output)
         return super().execute_model(scheduler_output, intermediate_tensors)
 
     # ---- forward ---------------------------------------------------------------------------
     def _wants_drafts(self, req_id: str) -> bool:
-        global _warned_chain_only
         state = self.requests.get(req_id)
         sp = getattr(state, "sampling_params", None)
         if sp is None:
             return False
         reason = chain_only_reason(sp)
-        if reason and not _warned_chain_only:
-            _warned_chain_only = True
-            log.warning("vllm-ht: requests using %s (and other chain-only features) decode without drafts", reason)
+        if reason:
+            log.warning_once("vllm-ht: requests using %s (and other chain-only features) decode without drafts",
+                             reason)
         return reason is None
 
-    def _build_step(self, positions: torch.Tensor) -> tuple[HTStep, torch.Tensor]:
-        so, batch = self._ht_sched, self.input_batch
+    def _build_step(self, positions: torch.Tensor, num_input: int, drafting: bool) -> HTStep:
+        """The step's trees (tree rows get depth positions, written in place into `positions`) and,
+        when drafting, its pseudo rows after the `num_input` input rows."""
+        so, batch = self.ht.sched, self.input_batch
         req_ids = batch.req_ids[: batch.num_reqs]
         q_lens = [so.num_scheduled_tokens[r] for r in req_ids]
         trees, last_rows = {}, {}
-        new_pos = positions.clone()
         start = 0
         for i, (req_id, n) in enumerate(zip(req_ids, q_lens)):
             drafts = so.scheduled_spec_decode_tokens.get(req_id) or []
             if drafts:
                 trees[i] = tree = self._scheduled_tree(req_id, drafts)
-                new_pos[start : start + n] = positions[start] + tree.depths.to(positions.device)
+                positions[start + 1 : start + n] = positions[start] + tree.depths[1:].to(positions.device)
             elif batch.num_computed_tokens_cpu[i] + n >= batch.num_tokens_no_spec[i]:
                 last_rows[i] = n - 1                  # samples this step (partial prefill chunks do not)
             start += n
-        anchors = {}
+        step = HTStep.build(q_lens, trees)
         # The policy's batch size is every request in the step (prefill chunks too): counting only
         # the sampling ones would plan batch-1 trees while other prompts are still prefilling.
-        if self.drafter.plan_for_batch(batch.num_reqs).drafts:   # else: no pseudo rows at all
+        plan = self.drafter.plan_for_batch(batch.num_reqs)
+        if drafting and plan.drafts:                  # else: no pseudo rows at all
             anchors = {i: self.drafter.anchor_nodes(tree) for i, tree in trees.items()}
             anchors.update({i: [row] for i, row in last_rows.items() if self._wants_drafts(req_ids[i])})
-        return HTStep.build(q_lens, trees, anchors), new_pos
+            step.add_pseudo_rows(anchors, plan.tree.max_depth, num_input, positions[: step.num_real].cpu(),
+                                 self.model.ht_config.joins)
+        return step
 
     def _scheduled_tree(self, req_id: str, drafts: list[int]) -> TokenTree:
         """The tree of a request's scheduled drafts: the one we proposed, cut to what the scheduler
@@ -111,21 +136,53 @@ class HTRunnerMixin:
 
     def _model_forward(self, input_ids=None, positions=None, intermediate_tensors=None,
                        inputs_embeds=None, **model_kwargs):
-        if self._ht_sched is None or positions is None:
+        st = self.ht
+        if st is None or positions is None:
             return super()._model_forward(input_ids, positions, intermediate_tensors, inputs_embeds, **model_kwargs)
-        step, positions = self._build_step(positions)
+        num_input = positions.shape[0]
+        st.step = step = self._build_step(positions, num_input, drafting=input_ids is not None)
         fc = get_forward_context()
         fc.additional_kwargs[STEP_KEY] = step
-        self._ht_step = step
         md = fc.attn_metadata
         if isinstance(md, dict) and md:
             first = next(iter(md.values()))
-            self._ht_block_table = first.block_table
-            self._ht_cache_layout = getattr(first, "cache_layout", kernels.ROWS)
+            st.block_table = first.block_table
+            st.cache_layout = getattr(first, "cache_layout", kernels.ROWS)
+        self._count_step(step, num_input)
+        if step.pseudo is not None:      # the same compiled forward over the real + pseudo rows
+            input_ids, positions = self._with_pseudo_rows(input_ids, positions, step.pseudo)
         try:
-            return super()._model_forward(input_ids, positions, intermediate_tensors, inputs_embeds, **model_kwargs)
+            hidden = super()._model_forward(input_ids, positions, intermediate_tensors, inputs_embeds, **model_kwargs)
         finally:
             fc.additional_kwargs.pop(STEP_KEY, None)
+        if step.pseudo is None:
+            return hidden
+        st.pseudo_hidden = step.pseudo_hidden(hidden)
+        return hidden[:num_input]
+
+    def _with_pseudo_rows(self, input_ids: torch.Tensor, positions: torch.Tensor, pseudo) -> tuple:
+        """Input ids and positions for real + pseudo rows, in persistent buffers written in place
+        (grown, rarely, when a step needs more rows than any before it)."""
+        n, total = positions.shape[0], pseudo.start + pseudo.num_rows
+        if self._ht_pos.shape[0] < total or self._ht_pos.device != positions.device:
+            size = max(total, 2 * self._ht_pos.shape[0])
+            self._ht_ids = torch.zeros(size, dtype=input_ids.dtype, device=input_ids.device)
+            self._ht_pos = torch.zeros(size, dtype=positions.dtype, device=positions.device)
+        ids, pos = self._ht_ids[:total], self._ht_pos[:total]
+        ids[:n].copy_(input_ids)
+        ids[n:].zero_()                                # pseudo rows' dummy token (replaced at the transfer layer)
+        pos[:n].copy_(positions)
+        limit = self.model_config.max_model_len - 1    # RoPE table bound; drafts past the end are cut anyway
+        pos[n:].copy_(pseudo.positions.clamp(max=limit))
+        return ids, pos
+
+    def _count_step(self, step: HTStep, num_input: int) -> None:
+        kind = "pseudo" if step.pseudo is not None else "tree" if step.trees else "plain"
+        self.ht_step_counts[kind] += 1
+        if step.trees and step.pseudo is not None:
+            self.ht_step_counts["tree+pseudo"] += 1
+        if num_input > step.num_real:
+            self.ht_step_counts["padded"] += 1
 
     # ---- verification + compaction ---------------------------------------------------------
     def _request_params(self, i: int) -> tuple[SamplingParams, torch.Generator | None]:
@@ -137,10 +194,11 @@ class HTRunnerMixin:
         return SamplingParams(sp.temperature, top_k, sp.top_p), state.generator
 
     def _sample(self, logits, spec_decode_metadata):
-        self._ht_rng_snapshots = self._snapshot_discarded_generators()
+        st = self.ht
+        if st is not None:
+            st.rng_snapshots = self._snapshot_discarded_generators()
         out = super()._sample(logits, spec_decode_metadata)
-        step = self._ht_step
-        self._ht_accepted = {}
+        step = st.step if st is not None else None
         if step is None:
             return out
         accepted = {i: [n - 1] for i, n in enumerate(step.q_lens)}
@@ -148,20 +206,24 @@ class HTRunnerMixin:
         verifying = spec_decode_metadata is not None and bool(step.trees)
         if verifying:
             sampled = sampled.clone()
-            starts = [0]
-            for d in spec_decode_metadata.num_draft_tokens:
-                starts.append(starts[-1] + d + 1)
+            ends = spec_decode_metadata.cu_num_sampled_tokens.tolist()     # logits rows per request, summed
+            argmax = logits.argmax(-1).tolist()                            # every greedy decision at once
+            req_ids = self.input_batch.req_ids
             for i, tree in sorted(step.trees.items()):
-                rows = logits[starts[i] : starts[i] + tree.num_nodes]
-                tokens = torch.tensor([-1] + self._ht_sched.scheduled_spec_decode_tokens[self.input_batch.req_ids[i]])
+                first = ends[i - 1] if i else 0
+                tokens = [-1] + self.ht.sched.scheduled_spec_decode_tokens[req_ids[i]][: tree.num_nodes - 1]
                 params, gen = self._request_params(i)
-                res = verify_tree(tree, tokens[: tree.num_nodes], rows, params, gen)
+                res = verify_tree(tree, torch.tensor(tokens), logits[first : first + tree.num_nodes], params, gen,
+                                  argmax=argmax[first : first + tree.num_nodes] if params.greedy else None)
                 sampled[i] = -1
                 sampled[i, : len(res.emitted)] = torch.tensor(res.emitted, dtype=sampled.dtype)
                 accepted[i] = res.accepted
-        device = sampled.device
-        sampled, self._ht_accepted = self._from_first_rank((sampled.cpu(), accepted))
-        out.sampled_token_ids = sampled.to(device)
+        if self._ht_tp_group is not None:
+            device = sampled.device
+            sampled, accepted = self._from_first_rank((sampled.cpu(), accepted))
+            sampled = sampled.to(device)
+        st.accepted = accepted
+        out.sampled_token_ids = sampled
         if verifying:
             self._compact(step)
         return out
@@ -172,16 +234,16 @@ class HTRunnerMixin:
         ctx = self._ht_context_positions(step)
         for i in range(len(step.q_lens)):
             if i in step.trees:
-                moves = [(ctx[i] + a, ctx[i] + j) for j, a in enumerate(self._ht_accepted[i]) if a != j]
+                moves = [(ctx[i] + a, ctx[i] + j) for j, a in enumerate(self.ht.accepted[i]) if a != j]
                 src += [s for s, _ in moves]
                 dst += [d for _, d in moves]
             loc.append(len(src))
         if src:
-            dev = self._ht_block_table.device
-            kernels.compact_kv(self.kv_caches, self._ht_block_table,
+            dev = self.ht.block_table.device
+            kernels.compact_kv(self.kv_caches, self.ht.block_table,
                                torch.tensor(src, dtype=torch.int32, device=dev),
                                torch.tensor(dst, dtype=torch.int32, device=dev),
-                               torch.tensor(loc, dtype=torch.int32, device=dev), self._ht_cache_layout)
+                               torch.tensor(loc, dtype=torch.int32, device=dev), self.ht.cache_layout)
 
     # ---- seeded requests in partial prefill (vLLM CPU) ---------------------------------------
     def _snapshot_discarded_generators(self) -> dict:
@@ -194,7 +256,7 @@ class HTRunnerMixin:
                 if int(i) in gens and gens[int(i)].device.type == "cpu"}
 
     def _bookkeeping_sync(self, *args, **kwargs):
-        snapshots = getattr(self, "_ht_rng_snapshots", None) or {}
+        snapshots = self.ht.rng_snapshots if self.ht is not None else {}
         gens = self.input_batch.generators
         held = {i: gens.pop(i) for i in snapshots if i in gens}
         try:
@@ -203,7 +265,8 @@ class HTRunnerMixin:
             for i, gen in held.items():
                 gen.set_state(snapshots[i])
                 gens[i] = gen
-            self._ht_rng_snapshots = {}
+            if self.ht is not None:
+                self.ht.rng_snapshots = {}
 
     def _ht_context_positions(self, step: HTStep) -> list[int]:
         """Position of each request's first scheduled row (the root, for tree requests)."""
@@ -215,24 +278,30 @@ class HTRunnerMixin:
         tree = self.drafter.tree_for_batch(self.input_batch.num_reqs)   # as in _build_step
         result = self._from_first_rank(self._propose(sampled_token_ids, live, tree))
         self.ht_trees = {self.input_batch.req_ids[i]: (tree, drafts) for i, drafts in enumerate(result) if drafts}
+        self.ht = None                                                    # the step is over
         return result
 
     def _propose(self, sampled_token_ids, live: list[int], tree: TokenTree) -> list[list[int]]:
-        step, drafter = self._ht_step, self.drafter
+        """Each live request's accepted node, if it is an anchor -> its pseudo rows -> the next tree."""
+        st, drafter = self.ht, self.drafter
         result: list[list[int]] = [[] for _ in range(len(sampled_token_ids))]
-        if step is None or step.pseudo_hidden is None or tree.num_nodes <= 1:
+        if st is None or st.pseudo_hidden is None or tree.num_nodes <= 1:
             return result
-        anchor_index = {(int(s), int(r)): a for a, (s, r) in enumerate(zip(step.anchor_seq, self._local_rows(step)))}
+        pseudo = st.step.pseudo
+        starts = [0]
+        for n in st.step.q_lens:
+            starts.append(starts[-1] + n)
+        anchor_of_row = {int(r): a for a, r in enumerate(pseudo.anchors.tolist())}
         picks = []
         for i in live:
-            node = self._ht_accepted.get(i, [None])[-1]
-            a = anchor_index.get((i, node)) if node is not None else None
+            node = st.accepted.get(i, [None])[-1]
+            a = anchor_of_row.get(starts[i] + node) if node is not None else None
             if a is not None:
                 picks.append((i, a))
         if not picks:
             return result
-        pseudo = step.pseudo_hidden[torch.tensor([a for _, a in picks])]        # [R, k, d]
-        logits = self.model.compute_logits(pseudo.flatten(0, 1)).view(len(picks), pseudo.shape[1], -1)
+        states = st.pseudo_hidden[torch.tensor([a for _, a in picks])]              # [R, D, d]
+        logits = self.model.compute_logits(states.flatten(0, 1)).view(len(picks), states.shape[1], -1)
         for (i, _), lg in zip(picks, logits):
             result[i] = drafter.drafts(tree, sampled_token_ids[i][-1], lg)
         return result
@@ -253,8 +322,3 @@ class HTRunnerMixin:
 
         group = get_tp_group()
         return group if group.world_size > 1 else None
-
-    @staticmethod
-    def _local_rows(step: HTStep) -> list[int]:
-        starts = torch.tensor([0] + step.q_lens).cumsum(0)
-        return (step.anchors - starts[step.anchor_seq]).tolist()
