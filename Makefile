@@ -1,7 +1,7 @@
 # vllm-ht — every target sets up what it needs first (a project virtualenv in .venv).
 #   make serve   OpenAI-compatible server on the default model
 #   make test    the test suite (what CI runs)
-#   make bench   benchmarks/throughput.py: plain vLLM vs ngram vs HT per batch size
+#   make bench   benchmarks/throughput.py: plain vLLM vs ngram vs HT per batch size, against a plain A/A control
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 HT     := $(VENV)/bin/vllm-ht
@@ -14,6 +14,8 @@ DTYPE  ?= bfloat16
 export VLLM_CPU_NUM_OF_RESERVED_CPU ?= 0
 export VLLM_HOST_IP ?= 127.0.0.1
 export VLLM_CPU_KVCACHE_SPACE ?= 2
+# serve and bench run vLLM's recommended CPU runtime (tcmalloc + Intel OpenMP preloaded, set up by
+# `vllm-ht serve` and the benchmark; `vllm-ht runtime` shows it, VLLM_HT_NO_PRELOAD=1 turns it off)
 
 .PHONY: install model test serve bench clean
 
@@ -36,7 +38,9 @@ serve: model
 	  $$(test -f $(CHECKPOINT)/config.json && echo --ht-checkpoint $(CHECKPOINT)) \
 	  --host $(HOST) --port $(PORT) --dtype $(DTYPE) --max-model-len 4096
 
-BENCH_ARGS ?= --batch-sizes 1,2,4,8,16,32 --max-tokens 64 --num-prompts 32
+# 32 prompts x <= 64 tokens: up to 2048 output tokens per method, batch size and round (the benchmark
+# warns under 300); 3 rounds x 4 engines (plain, A/A, ngram, HT), one engine start-up each
+BENCH_ARGS ?= --batch-sizes 1,2,4,8,16,32 --max-tokens 64 --num-prompts 32 --rounds 3
 
 bench: model
 	$(PY) benchmarks/throughput.py --dtype $(DTYPE) $(BENCH_ARGS) \

@@ -17,12 +17,14 @@
 # --security-opt seccomp=unconfined` (NUMA memory binding); not tried with this image.
 FROM python:3.11-slim
 
-# libnuma1: vLLM's CPU extension (vllm/_C.abi3.so) links it. No compiler: HT runs eager (no
-# torch.compile) and every dependency installs from a wheel. Unpinned: its version is whatever the
-# base image's Debian release ships.
+# libnuma1: vLLM's CPU extension (vllm/_C.abi3.so) links it. libtcmalloc-minimal4: vLLM's
+# recommended CPU runtime preloads it with Intel OpenMP (the intel-openmp wheel, in the venv);
+# `vllm-ht serve` re-executes itself with both in LD_PRELOAD (vllm_ht/runtime.py). No compiler: HT
+# runs eager (no torch.compile) and every dependency installs from a wheel. Unpinned: their
+# versions are whatever the base image's Debian release ships.
 # hadolint ignore=DL3008
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends libnuma1 \
+    && apt-get install -y --no-install-recommends libnuma1 libtcmalloc-minimal4 \
     && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /opt/vllm-ht

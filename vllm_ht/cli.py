@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shlex
 import sys
 from pathlib import Path
 
@@ -97,9 +98,26 @@ def _make_data(args: argparse.Namespace) -> int:
 
 
 def _serve(argv: list[str]) -> int:
+    from .runtime import reexec_with_preload
     from .vllm.launcher import run_vllm_cli
 
+    # vLLM's recommended CPU runtime (tcmalloc + Intel OpenMP in LD_PRELOAD) must be in place before
+    # this process starts: re-execute once under it (returns when it is already in effect).
+    reexec_with_preload(["serve", *argv])
     return run_vllm_cli(["serve", *argv])
+
+
+def _runtime(args: argparse.Namespace) -> int:
+    from .runtime import describe, preload_env
+
+    if args.env:
+        env = preload_env()
+        for key in ("LD_PRELOAD", "KMP_BLOCKTIME"):
+            if key in env:
+                print(f"export {key}={shlex.quote(env[key])}")
+    else:
+        print("\n".join(describe()))
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -151,6 +169,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_parsers(sub, "HF model folder (default: the prepared default model)")
 
+    r = sub.add_parser("runtime", help="the CPU runtime `serve` and the benchmarks use: tcmalloc and Intel OpenMP "
+                                       "preloaded (see vllm_ht/runtime.py); VLLM_HT_NO_PRELOAD=1 turns it off")
+    r.add_argument("--env", action="store_true", help='print shell exports instead: eval "$(vllm-ht runtime --env)"')
+
     sub.add_parser("serve", help="vLLM's `vllm serve` (works on the CPU build too; all arguments go to vLLM)",
                    add_help=False)
     return parser
@@ -164,8 +186,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "prepare-model":
         return _prepare_model(args)
-    if args.command == "make-data":
+    if args.command == "make-data":  # runs a vLLM engine in this process: the same runtime as serve
+        from .runtime import reexec_with_preload
+
+        reexec_with_preload(argv)
         return _make_data(args)
+    if args.command == "runtime":
+        return _runtime(args)
     if args.command in ("train", "eval-drafts"):
         from .training.commands import eval_command, train_command
 

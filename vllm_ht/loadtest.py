@@ -21,6 +21,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .runtime import preload_env
+
 
 @dataclass
 class LoadRequest:
@@ -154,7 +156,9 @@ class Server:
         self.model, self.args, self.log, self.startup_timeout = model, args, log, startup_timeout
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
-        self.env = {**os.environ, "VLLM_CPU_NUM_OF_RESERVED_CPU": "0", "VLLM_HOST_IP": "127.0.0.1", **(env or {})}
+        # vLLM's recommended CPU runtime (tcmalloc + Intel OpenMP preloaded), as `vllm-ht serve` runs it
+        self.env = {**preload_env(os.environ), "VLLM_CPU_NUM_OF_RESERVED_CPU": "0", "VLLM_HOST_IP": "127.0.0.1",
+                    **(env or {})}
         self.proc: subprocess.Popen | None = None
 
     def __enter__(self) -> "Server":

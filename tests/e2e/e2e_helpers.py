@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from vllm_ht.runtime import preload_env
+
 REPO = Path(__file__).resolve().parents[2]
 CHECKPOINT = REPO / "checkpoints" / "smollm2-135m-instruct"
 MT_BENCH = REPO / "data" / "mt_bench_question.jsonl"
@@ -18,7 +20,8 @@ def run_engine(model_dir, out: Path, *args: str, timeout: int = 900, eager: bool
     """One engine, one process; fp32 unless the args say otherwise; eager unless eager=False."""
     cmd = [sys.executable, "-m", "vllm_ht.vllm.offline", "--model", str(model_dir), "--prompts", str(MT_BENCH),
            "--dtype", "float32", *(["--enforce-eager"] if eager else []), "--out", str(out), *args]
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
+    # the runtime `vllm-ht serve` and the benchmark use (tcmalloc + Intel OpenMP preloaded)
+    env = {**preload_env(os.environ), "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     if proc.returncode != 0:
         raise AssertionError(f"engine failed ({' '.join(args)}):\n{proc.stderr[-4000:]}")

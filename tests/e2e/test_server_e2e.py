@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 from e2e_helpers import REPO, run_engine, trained_checkpoint
 
+from vllm_ht.runtime import preload_env
+
 PROMPTS = ["What is the capital of France? Answer in one sentence.",
            "Give three tips for staying focused while studying.",
            "Write a short poem about the sea."]
@@ -51,7 +53,7 @@ def server(model_dir, tmp_path_factory):
                              "--enforce-eager", "--ht-num-nodes", "4",
                              "--host", "127.0.0.1", "--port", str(port), "--max-model-len", "2048",
                              "--per-request-spec-decode-metrics", "summary"]
-    env = {**os.environ, "VLLM_CPU_NUM_OF_RESERVED_CPU": "0", "VLLM_HOST_IP": "127.0.0.1",
+    env = {**preload_env(os.environ), "VLLM_CPU_NUM_OF_RESERVED_CPU": "0", "VLLM_HOST_IP": "127.0.0.1",
            "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
     with open(log, "w") as fh:
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=REPO, start_new_session=True)
