@@ -1,16 +1,28 @@
-"""Is Hidden Transfer faster in vLLM, at my batch size? Plain vLLM, vLLM ngram (k=3) and vLLM+HT
-on the same prompts, each in its own engine (its own process), one row per (method, batch size).
+"""Is Hidden Transfer faster in vLLM, at my batch size, by more than this machine's noise? Plain
+vLLM, vLLM ngram (k=3) and vLLM+HT on the same prompts, plus a second plain engine as an A/A
+control, each in its own engine process, over several rounds in rotating order.
 
-    python benchmarks/throughput.py --batch-sizes 1,8 --max-tokens 64 --json out.json
+    python benchmarks/throughput.py --batch-sizes 1,8 --max-tokens 64 --rounds 3 --json out.json
 
-What is measured, per method and batch size: every prompt runs once, in consecutive groups of
+Design. A round starts one fresh engine per label (plain, the methods, plain-A/A) and each engine
+runs every batch size; round r runs the labels in round 0's order rotated by r, so no method always
+runs first or next to plain. Engines per run: rounds x (methods + 1), each paying its start-up
+(about 60 s compiled on the 2-core dev VM), which the measurement excludes.
+What is measured, per engine and batch size: every prompt runs once, in consecutive groups of
 `batch size` concurrent requests (warm-up excluded). Output tokens/s is total output tokens over
-wall time; speedup is against plain vLLM at the same batch size in the same run; TTFT and TPOT are
-per-request means from vLLM's request stats; tau is the mean accepted length (bonus included) from
-vLLM's spec-decode counters; identical_to_plain is the fraction of requests whose tokens equal
-plain vLLM's (exact in fp32; in bf16 plain vLLM itself changes with the batch shape).
+wall time. A ratio is tokens/s over plain's at the same batch size in the same round; speedup is
+the median ratio over rounds and spread its min-max. A cell (label, batch size, round) measuring
+fewer than 300 output tokens is warned about on stderr. Verdict (benchmarks/stats.py):
+  faster        every round's ratio > max(1, highest plain-A/A ratio at that batch size)
+  slower        every round's ratio < min(1, lowest plain-A/A ratio at that batch size)
+  within noise  otherwise; "n/a" with fewer than 2 rounds.
+TTFT and TPOT are per-request means from vLLM's request stats (median over rounds); tau is the
+mean accepted length (bonus included) from vLLM's spec-decode counters, pooled over rounds;
+identical_to_plain is the fraction of requests whose tokens equal the same round's plain vLLM's,
+lowest over rounds (exact in fp32; in bf16 plain vLLM itself changes with the batch shape).
 Every method runs in vLLM's default mode (compiled) unless --enforce-eager.
-Writes a JSON (rows + hardware, versions, dtype, git commit), a PNG beside it, and prints a table.
+Writes a JSON (aggregated rows, per-round cells, hardware, versions, dtype, git commit), a PNG
+beside it (per-round points, medians, A/A band) and prints a table.
 """
 from __future__ import annotations
 
@@ -22,16 +34,26 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+# run as a script, the benchmarks package is found through REPO
+from benchmarks.report import plot, table  # noqa: E402
+from benchmarks.stats import (  # noqa: E402
+    AA, MIN_TOKENS, VERDICT_RULE, aggregate, cycle_labels, round_cells, round_order, short_cells)
+from vllm_ht.runtime import preload_env  # noqa: E402  (vLLM's CPU runtime, the same for every method)
+
 DEFAULT_PROMPTS = REPO / "benchmarks" / "prompts.jsonl"
 DEFAULT_CHECKPOINT = REPO / "checkpoints" / "smollm2-135m-instruct"
 METHODS = ("plain", "ngram", "ht")
 
 
-def engine_command(args, method: str, out: Path) -> list[str]:
+def engine_command(args, label: str, out: Path) -> list[str]:
+    """The offline engine's command line for one label (plain-A/A runs plain)."""
+    method = "plain" if label == AA else label
     cmd = [sys.executable, "-m", "vllm_ht.vllm.offline", "--method", method, "--model", args.model,
            "--prompts", args.prompts, "--limit", str(args.num_prompts), "--max-tokens", str(args.max_tokens),
            "--dtype", args.dtype, "--batch-sizes", ",".join(map(str, args.batch_sizes)),
@@ -48,12 +70,13 @@ def engine_command(args, method: str, out: Path) -> list[str]:
     return cmd
 
 
-def run_method(args, method: str, workdir: Path, progress) -> dict:
+def run_method(args, label: str, round_index: int, workdir: Path, progress) -> dict:
     """One engine in a child process; the bar advances as each batch size finishes."""
-    out, log = workdir / f"{method}.json", workdir / f"{method}.log"
+    stem = f"{label.replace('/', '')}-round{round_index}"
+    out, log = workdir / f"{stem}.json", workdir / f"{stem}.log"
     with open(log, "w") as log_file:
-        proc = subprocess.Popen(engine_command(args, method, out), stdout=log_file, stderr=subprocess.PIPE,
-                                text=True, cwd=REPO)
+        proc = subprocess.Popen(engine_command(args, label, out), stdout=log_file, stderr=subprocess.PIPE,
+                                text=True, cwd=REPO, env=preload_env(os.environ))
         for line in proc.stderr:
             log_file.write(line)
             if line.startswith("[offline]"):
@@ -61,29 +84,9 @@ def run_method(args, method: str, workdir: Path, progress) -> dict:
         code = proc.wait()
     if code != 0:
         tail = "".join(log.read_text().splitlines(keepends=True)[-30:])
-        raise SystemExit(f"throughput: the {method} engine failed (exit {code}); log {log}:\n{tail}")
+        raise SystemExit(f"throughput: the {label} engine (round {round_index}) failed (exit {code}); "
+                         f"log {log}:\n{tail}")
     return json.loads(out.read_text())
-
-
-def rows_from(results: dict[str, dict], batch_sizes: list[int]) -> list[dict]:
-    rows = []
-    plain = results.get("plain")
-    for method, res in results.items():
-        for bs in batch_sizes:
-            run = res["runs"][str(bs)]
-            tps = run["output_tokens"] / run["seconds"]
-            row = {"method": method, "batch_size": bs, "output_tokens_per_s": tps, "speedup": None,
-                   "mean_accepted_length": run["mean_accepted_length"],
-                   "acceptance_per_depth": run["acceptance_per_depth"], "identical_to_plain": None,
-                   "ttft_ms": run.get("ttft_ms"), "tpot_ms": run.get("tpot_ms"), "output_tokens": run["output_tokens"],
-                   "requests": len(run["outputs"]), "seconds": run["seconds"], "startup_s": res["startup_seconds"]}
-            if plain is not None:
-                base = plain["runs"][str(bs)]
-                row["speedup"] = tps / (base["output_tokens"] / base["seconds"])
-                same = [a == b for a, b in zip(run["outputs"], base["outputs"])]
-                row["identical_to_plain"] = sum(same) / len(same)
-            rows.append(row)
-    return rows
 
 
 def environment(args) -> dict:
@@ -101,55 +104,9 @@ def environment(args) -> dict:
             "torch_version": torch.__version__, "dtype": args.dtype, "git_commit": commit.stdout.strip() or None,
             "model": args.model, "checkpoint": args.checkpoint, "prompts": args.prompts,
             "num_prompts": args.num_prompts, "max_tokens": args.max_tokens, "enforce_eager": args.enforce_eager,
-            "tensor_parallel_size": args.tensor_parallel_size, "date": time.strftime("%Y-%m-%d %H:%M"),
+            "tensor_parallel_size": args.tensor_parallel_size, "rounds": args.rounds,
+            "verdict_rule": VERDICT_RULE, "date": time.strftime("%Y-%m-%d %H:%M"),
             "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:])}
-
-
-def table(rows: list[dict]) -> str:
-    head = f"{'method':<7} {'batch':>5} {'tok/s':>8} {'speedup':>8} {'tau':>5} {'TTFT ms':>8} {'TPOT ms':>8} " \
-           f"{'identical':>9}  acceptance per depth"
-    lines = [head, "-" * len(head)]
-
-    def fmt(v, spec):
-        return format(v, spec) if v is not None else "-"
-    for r in rows:
-        depth = " ".join(f"{a:.2f}" for a in r["acceptance_per_depth"]) or "-"
-        lines.append(f"{r['method']:<7} {r['batch_size']:>5} {r['output_tokens_per_s']:>8.1f} "
-                     f"{fmt(r['speedup'], '>7.2f') + ('x' if r['speedup'] else ''):>8} "
-                     f"{fmt(r['mean_accepted_length'], '>5.2f'):>5} {fmt(r['ttft_ms'], '>8.0f'):>8} "
-                     f"{fmt(r['tpot_ms'], '>8.1f'):>8} {fmt(r['identical_to_plain'], '>9.0%'):>9}  {depth}")
-    return "\n".join(lines)
-
-
-def plot(rows: list[dict], meta: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import matplotlib.ticker
-
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    for method in dict.fromkeys(r["method"] for r in rows):
-        mine = [r for r in rows if r["method"] == method and r["speedup"] is not None]
-        if mine:
-            left.plot([r["batch_size"] for r in mine], [r["speedup"] for r in mine], marker="o", label=method)
-        for r in rows:
-            if r["method"] == method and r["acceptance_per_depth"]:
-                depths = range(1, len(r["acceptance_per_depth"]) + 1)
-                right.plot(depths, r["acceptance_per_depth"], marker="o", label=f"{method}, batch {r['batch_size']}")
-    left.axhline(1.0, color="grey", lw=0.8, ls="--")
-    left.set_xscale("log", base=2)
-    left.set(xlabel="batch size (concurrent requests)", ylabel="output tokens/s vs plain vLLM",
-             title=f"speedup ({meta['dtype']}, {meta['hardware']['gpu'] or 'CPU'})")
-    right.set(xlabel="draft depth", ylabel="accepted drafts per verification step", title="acceptance per depth")
-    right.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-    for ax in (left, right):
-        ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -163,7 +120,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-sizes", type=lambda v: [int(x) for x in v.split(",")], default=[1, 2, 4, 8, 16, 32])
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    p.add_argument("--methods", type=lambda v: v.split(","), default=list(METHODS))
+    p.add_argument("--methods", type=lambda v: v.split(","), default=list(METHODS),
+                   help="plain and its A/A control always run; list the others (default: all)")
+    p.add_argument("--rounds", type=int, default=3, help="rounds of one fresh engine per label (>= 2 for a verdict)")
     p.add_argument("--ht-num-nodes", type=int, help="fixed HT tree size (default: the per-batch policy)")
     p.add_argument("--ignore-eos", action="store_true", help="always generate --max-tokens tokens")
     p.add_argument("--enforce-eager", action="store_true", help="run every method eagerly")
@@ -173,6 +132,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     unknown = [m for m in args.methods if m not in METHODS]
     if unknown or not args.methods:
         p.error(f"--methods: choose from {','.join(METHODS)}, got {','.join(args.methods)}")
+    if args.rounds < 1:
+        p.error("--rounds must be >= 1")
     if min(args.batch_sizes) < 1:
         p.error("--batch-sizes must be positive")
     if not Path(args.prompts).is_file():
@@ -197,24 +158,37 @@ def main(argv=None) -> None:
     if available < args.num_prompts:
         print(f"throughput: {args.prompts} has {available} prompts; using them all", file=sys.stderr)
         args.num_prompts = available
-    methods = ["plain"] + [m for m in args.methods if m != "plain"] if "plain" in args.methods else args.methods
-    results = {}
+    if args.rounds < 2:
+        print("throughput: one round gives no verdict (no spread to compare)", file=sys.stderr)
+    labels = cycle_labels(args.methods)
+    orders, cells = [], []  # per round: the engine order; all rounds: the cells
     with tempfile.TemporaryDirectory(prefix="vllm-ht-bench-") as tmp, \
-            tqdm(total=len(methods) * len(args.batch_sizes), desc="benchmark", unit="run") as bar:
-        for method in methods:
-            bar.set_postfix_str(method)
-            results[method] = run_method(args, method, Path(tmp), bar)
-    rows = rows_from(results, args.batch_sizes)
+            tqdm(total=args.rounds * len(labels) * len(args.batch_sizes), desc="benchmark", unit="run") as bar:
+        for r in range(args.rounds):
+            order, results = round_order(labels, r), {}
+            for label in order:
+                bar.set_postfix_str(f"round {r + 1}/{args.rounds} {label}")
+                results[label] = run_method(args, label, r, Path(tmp), bar)
+            orders.append(order)
+            cells += round_cells(r, order, results, args.batch_sizes)
+    for label, bs, tokens in short_cells(cells):
+        print(f"throughput: warning: {label} at batch {bs} measured {tokens} output tokens in a round "
+              f"(< {MIN_TOKENS}): raise --num-prompts or --max-tokens", file=sys.stderr)
+    rows = [asdict(r) for r in aggregate(cells, labels)]
+    rounds = [{"round": r, "order": order, "cells": [asdict(c) for c in cells if c.round == r]}
+              for r, order in enumerate(orders)]
     meta = environment(args)
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({**meta, "rows": rows}, indent=1))
+    out.write_text(json.dumps({**meta, "rows": rows, "rounds": rounds}, indent=1))
     png = out.with_suffix(".png")
-    plot(rows, meta, png)
+    plot(rows, [asdict(c) for c in cells], meta, png)
     hw = meta["hardware"]
     print(f"\n{hw['gpu'] or hw['cpu']} ({hw['cores']} cores), vLLM {meta['vllm_version']}, {args.dtype}, "
-          f"{args.num_prompts} prompts x <= {args.max_tokens} tokens, commit {meta['git_commit']}")
+          f"{args.num_prompts} prompts x <= {args.max_tokens} tokens, {args.rounds} rounds, "
+          f"commit {meta['git_commit']}")
     print(table(rows))
+    print(f"verdict: {VERDICT_RULE}")
     print(f"\nwrote {out} and {png}")
 
 
