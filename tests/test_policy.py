@@ -12,15 +12,19 @@ FREE = StepCost(row=0.0, pseudo_row=0.0, fixed=0.0)
 def test_speedup_by_hand():
     # chain root -> (0,) -> (0, 0): path probabilities 0.5 and 0.2, tau = 1.7
     tree = TokenTree.from_paths([[0], [0, 0]])
-    # every node an anchor: q = 1, always drafting; cost 1 + 0.1 + 1 * (0.05 * 2 + 0.02 * 3 * 3) = 1.38
+    # every node an anchor: q = 1, always drafting; each anchor carries D = 2 pseudo rows (the
+    # tree's depth, what the next tree reads): cost 1 + 0.1 + 1 * (0.05 * 2 + 0.02 * 2 * 3) = 1.32
     speedup, tokens = predicted_speedup(tree, [0, 1, 2], ACC, 3, 1, StepCost(0.05, 0.02, 0.1))
     assert tokens == pytest.approx(1.7)
-    assert speedup == pytest.approx(1.7 / 1.38)
+    assert speedup == pytest.approx(1.7 / 1.32)
+    # a long context costs per request: + 0.2 * 1.5 at 1,500 tokens
+    speedup, _ = predicted_speedup(tree, [0, 1, 2], ACC, 3, 1, StepCost(0.05, 0.02, 0.1, context=0.2), 1500)
+    assert speedup == pytest.approx(1.7 / 1.62)
     # only the deepest node: it ends the path with p 0.2, so pi_D = 1 / 1.8 and pi_P = 0.8 / 1.8
     speedup, tokens = predicted_speedup(tree, [2], ACC, 3, 1, StepCost(0.05, 0.02, 0.1))
     pi_d, pi_p = 1 / 1.8, 0.8 / 1.8
     assert tokens == pytest.approx(pi_d * 1.7 + pi_p)
-    cost = 1 + 0.1 + pi_d * (0.05 * 2 + 0.02 * 3) + pi_p * 0.02 * 3
+    cost = 1 + 0.1 + pi_d * (0.05 * 2 + 0.02 * 2) + pi_p * 0.02 * 2
     assert speedup == pytest.approx(tokens / cost)
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from .prompts import load_prompts
 
 DEFAULT_EVAL_PROMPTS = Path(__file__).resolve().parents[1] / "data" / "mt_bench_question.jsonl"
+DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[1] / "checkpoints" / "smollm2-135m-instruct"
 
 
 def _prepare_model(args: argparse.Namespace) -> int:
@@ -120,6 +121,25 @@ def _runtime(args: argparse.Namespace) -> int:
     return 0
 
 
+def _calibrate(args: argparse.Namespace) -> int:
+    from .calibration import additional_config, calibration_path, save
+    from .vllm.calibrate import calibrate, fit
+
+    model = _model_dir(args.model)
+    path = Path(args.out) if args.out else calibration_path(model, args.dtype)
+    if args.if_missing and path.is_file():
+        print(f"calibration: {path} exists (kept)", file=sys.stderr)
+        return 0
+    results, startup = calibrate(model, args.checkpoint, args.dtype, args.batch_sizes, args.short_context,
+                                 args.long_context, args.steps, args.enforce_eager)
+    cost = fit(results, args.short_context)
+    save(path, cost, results, {"model": model, "dtype": args.dtype, "checkpoint": args.checkpoint,
+                               "compiled": not args.enforce_eager, "engine_startup_s": round(startup, 1)})
+    print(f"calibration: {cost}\nwritten to {path} (the plugin reads it by default)\n"
+          f"equivalent: --additional-config '{additional_config(cost)}'")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vllm-ht", description="Hidden Transfer speculative decoding for vLLM")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -173,6 +193,20 @@ def build_parser() -> argparse.ArgumentParser:
                                        "preloaded (see vllm_ht/runtime.py); VLLM_HT_NO_PRELOAD=1 turns it off")
     r.add_argument("--env", action="store_true", help='print shell exports instead: eval "$(vllm-ht runtime --env)"')
 
+    c = sub.add_parser("calibrate", help="time plain and HT steps in vLLM on this machine; fit and save the "
+                                         "draft policy's step costs (read by the plugin by default)")
+    c.add_argument("--model", help="HF model folder (default: the prepared default model)")
+    c.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT) if DEFAULT_CHECKPOINT.is_dir() else None,
+                   help="HT checkpoint folder (default: the shipped one)")
+    c.add_argument("--dtype", default="bfloat16")
+    c.add_argument("--batch-sizes", type=lambda v: [int(x) for x in v.split(",")], default=[1, 2, 4, 8, 16, 32])
+    c.add_argument("--short-context", type=int, default=128)
+    c.add_argument("--long-context", type=int, default=1024)
+    c.add_argument("--steps", type=int, default=16, help="decode steps per measured cell")
+    c.add_argument("--enforce-eager", action="store_true", help="calibrate the eager engine (serve it eager too)")
+    c.add_argument("--out", help="calibration file (default: <cache>/calibration/<model>-<dtype>.json)")
+    c.add_argument("--if-missing", action="store_true", help="do nothing when the file exists")
+
     sub.add_parser("serve", help="vLLM's `vllm serve` (works on the CPU build too; all arguments go to vLLM)",
                    add_help=False)
     return parser
@@ -193,6 +227,13 @@ def main(argv: list[str] | None = None) -> int:
         return _make_data(args)
     if args.command == "runtime":
         return _runtime(args)
+    if args.command == "calibrate":   # runs a vLLM engine in this process: the same runtime as serve
+        from .runtime import reexec_with_preload
+        from .vllm.env import apply_cpu_defaults
+
+        reexec_with_preload(argv)
+        apply_cpu_defaults()
+        return _calibrate(args)
     if args.command in ("train", "eval-drafts"):
         from .training.commands import eval_command, train_command
 

@@ -147,7 +147,13 @@ class HTAttentionImpl(AttentionImpl):
             return output
         t = attn_metadata.num_actual_tokens          # real rows: from the metadata, not query.shape
         step = current_step()
-        if attn_metadata.native is not None and (step is None or not step.trees):   # real rows causal
+        pseudo = step.pseudo if step is not None else None
+        group = self._join_group(layer, pseudo)
+        causal = step is None or step.causal
+        if group is not None and not causal:         # tree + pseudo rows: one call over both
+            self._joint_forward(query, key, value, kv_cache, attn_metadata, output, pseudo, group)
+            return output
+        if attn_metadata.native is not None and causal:   # real rows causal (no trees, or chains)
             self._native_forward(query, kv_cache, attn_metadata.native, output, t)
         else:
             bits = step.real_mask_bits if step is not None else attn_metadata.causal_bits
@@ -155,27 +161,42 @@ class HTAttentionImpl(AttentionImpl):
                    attn_metadata.query_start_loc, key[:t].view(t, self.num_kv_heads, self.head_size),
                    value[:t].view(t, self.num_kv_heads, self.head_size), bits.to(query.device), self.scale,
                    out=output[:t].view(t, self.num_heads, self.head_size))
-        if step is not None and step.pseudo is not None:
-            self._pseudo_forward(layer, query, key, value, kv_cache, attn_metadata, output, step.pseudo)
+        if pseudo is not None:
+            self._pseudo_forward(query, key, value, kv_cache, attn_metadata, output, pseudo, group)
         return output
 
-    def _pseudo_forward(self, layer, query, key, value, kv_cache, md: HTAttentionMetadata, output,
-                        p: PseudoRows) -> None:
-        """Pseudo rows: nothing below their transfer layer (zeros); from there, their anchor's
-        context and window plus their own group (step.py), reading keys, never writing them."""
+    def _join_group(self, layer, pseudo: PseudoRows | None) -> int | None:
+        """The pseudo rows' join group at this layer (None: no pseudo rows, or below the first join)."""
+        if pseudo is None:
+            return None
         if self._layer_index is None:
             self._layer_index = extract_layer_index(layer.layer_name)
+        return pseudo.group_for_layer(self._layer_index)
+
+    def _joint_forward(self, query, key, value, kv_cache, md: HTAttentionMetadata, output, p: PseudoRows,
+                       group: int) -> None:
+        """Real and pseudo rows in one call, gathered per request in window order (step.py)."""
+        rows, hd = p.window_rows.to(query.device), self.head_size
+        loc = p.window_start_loc.to(query.device)
+        out = attend(md, f"joint{group}", query.view(-1, self.num_heads, hd)[rows], kv_cache, loc,
+                     key.view(-1, self.num_kv_heads, hd)[rows], value.view(-1, self.num_kv_heads, hd)[rows],
+                     p.joint_masks[group].to(query.device), self.scale)
+        output.view(-1, self.num_heads, hd)[rows] = out
+
+    def _pseudo_forward(self, query, key, value, kv_cache, md: HTAttentionMetadata, output, p: PseudoRows,
+                        group: int | None) -> None:
+        """Pseudo rows: nothing below their transfer layer (zeros); from there, their anchor's
+        context and window plus their own group (step.py), reading keys, never writing them."""
         rows = slice(p.start, p.start + p.num_rows)
         n, hd = p.num_rows, self.head_size
         out = output[rows].view(n, self.num_heads, hd)
-        group = p.group_for_layer(self._layer_index)
         if group is None:
             out.zero_()
             return
         win = p.window_rows.to(query.device)
         kv_heads = self.num_kv_heads
-        attend(md, f"pseudo{group}", query[rows].view(n, self.num_heads, hd),
-               kv_cache, p.query_start_loc.to(query.device), key.view(-1, kv_heads, hd)[win],
+        attend(md, f"pseudo{group}", query[rows].view(n, self.num_heads, hd), kv_cache,
+               p.query_start_loc.to(query.device), key.view(-1, kv_heads, hd)[win],
                value.view(-1, kv_heads, hd)[win], p.masks[group].to(query.device), self.scale, out=out,
                window_start_loc=p.window_start_loc.to(query.device))
 

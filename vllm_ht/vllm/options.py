@@ -23,10 +23,15 @@ class HTOptions:
     # chosen with the tree by the policy. When the accepted node carries none, that request's
     # next step has no drafts.
     pseudo_nodes: int | None = None
-    # What extra rows cost on this hardware, in units of a 1-request decode step (policy.StepCost)
-    row_cost: float = StepCost.row
-    pseudo_row_cost: float = StepCost.pseudo_row
-    step_overhead: float = StepCost.fixed
+    # What extra rows cost on this hardware, in units of a 1-request decode step (policy.StepCost).
+    # None: from the calibration file (`vllm-ht calibrate`), else StepCost's cautious defaults.
+    row_cost: float | None = None
+    pseudo_row_cost: float | None = None
+    step_overhead: float | None = None
+    context_cost: float | None = None
+    batch_row_cost: float | None = None
+    # The calibration file; None -> the default path for this model and dtype (calibration.py)
+    calibration: str | None = None
     # CPU KV cache layout: "auto" keeps vLLM CPU_ATTN's own packing where its ISA writes one we
     # read (then causal steps run vLLM's kernel), else "rows"; "rows" forces the plain layout.
     cpu_cache_layout: str = "auto"
@@ -38,13 +43,20 @@ class HTOptions:
             raise ValueError(f"pseudo_nodes={self.pseudo_nodes} must be >= 1 (or None for every node)")
         if self.row_budget < 1:
             raise ValueError(f"row_budget={self.row_budget} must be >= 1")
-        StepCost(self.row_cost, self.pseudo_row_cost, self.step_overhead)   # validates
+        self.cost_with({})                                           # validates the explicit costs
         if self.cpu_cache_layout not in CPU_CACHE_LAYOUTS:
             raise ValueError(f"cpu_cache_layout={self.cpu_cache_layout!r}: choose one of {CPU_CACHE_LAYOUTS}")
 
+    def cost_with(self, calibrated: dict | None) -> StepCost:
+        """StepCost from the explicit options, then the calibrated values, then the defaults."""
+        explicit = {"row": self.row_cost, "pseudo_row": self.pseudo_row_cost, "fixed": self.step_overhead,
+                    "context": self.context_cost, "batch_row": self.batch_row_cost}
+        merged = {**(calibrated or {}), **{k: v for k, v in explicit.items() if v is not None}}
+        return StepCost(**merged)
+
     @property
     def cost(self) -> StepCost:
-        return StepCost(self.row_cost, self.pseudo_row_cost, self.step_overhead)
+        return self.cost_with({})
 
     @property
     def max_nodes(self) -> int:

@@ -10,17 +10,18 @@ checkpoint's measured conditional top-r table) and on what extra rows cost on th
   plain step (P) whose one row is an anchor, so the step after drafts again.
   Stationary shares: pi_D = 1 / (2 - q), pi_P = (1 - q) / (2 - q).
 
-Predicted speedup against plain decoding at batch B (costs in units of a 1-request decode step):
+Predicted speedup against plain decoding at batch B and mean context C tokens (costs in units of
+a 1-request decode step, `StepCost`):
     tokens/step   pi_D * tau + pi_P                      (tau = expected accepted length + bonus)
-    plain cost    1 + row * (B - 1)
-    HT cost       plain cost + fixed + B * (pi_D * (row * N + pseudo * k * A) + pi_P * pseudo * k)
+    plain cost    1 + batch_row * (B - 1)
+    HT cost       plain cost + fixed
+                  + B * (pi_D * (row * N + pseudo * D * A) + pi_P * pseudo * D + context * C / 1000)
     speedup       tokens/step * plain cost / HT cost
-with N draft nodes and A anchors. The policy takes the best (tree, anchors) over the candidate
+with N draft nodes, A anchors and D = the tree's depth (pseudo rows per anchor). The policy takes the best (tree, anchors) over the candidate
 budgets, or no drafting (speedup 1, no pseudo rows at all) when nothing beats plain by `margin`.
 
-Example (this CPU, bf16: row 0.07, pseudo 0.03, fixed 0.3; the shipped checkpoint, depth-1 top-1
-0.47): the best tree at batch 1 (3 drafts, 2 anchors) is predicted at 0.97x, so no batch size
-drafts and every step is the plain model; with fixed 0.1 (cheaper steps) batch 1 would draft.
+The costs come from `vllm-ht calibrate` on the user's hardware (StepCost's defaults are a
+cautious fallback).
 """
 from __future__ import annotations
 
@@ -36,20 +37,22 @@ CANDIDATE_BUDGETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 class StepCost:
     """What a step's extra rows cost, in units of one single-request decode step.
 
-    Defaults: measured with vLLM's CPU build, bf16, SmolLM2-135M on a 2-core AVX512-BF16 Xeon
-    without AMX (see benchmarks/README.md): extra rows are far from free there. A GPU has
-    much cheaper rows; set them through additional_config (README, "Serving with Hidden Transfer")."""
-    row: float = 0.07          # one more real row: every layer + the LM head
-    pseudo_row: float = 0.03   # one pseudo row: the layers from the transfer layer up
-    # per HT step: tree masks, attention plans, verification, compaction, and what the row terms
-    # miss. Fitted to measured batch-1 decoding with the shipped checkpoint (3-draft tree, 2 anchors,
-    # eager): 1.65 decode steps per HT step, of which the row terms explain 0.35. (A compiled engine
-    # runs these steps eagerly against a faster plain step, so there drafting costs more still.)
-    fixed: float = 0.30
+    Measured on the user's hardware by `vllm-ht calibrate` (vllm_ht/vllm/calibrate.py), which
+    writes them to a file the plugin reads by default. These defaults are only the fallback
+    without a calibration: deliberately cautious (drafting must clearly pay)."""
+    row: float = 0.07          # one more draft (tree) row: every layer + the LM head
+    pseudo_row: float = 0.03   # one pseudo row
+    fixed: float = 0.30        # per HT step: masks, attention plans, verification, compaction, drafting
+    context: float = 0.0       # per request and 1,000 context tokens, in a step with a tree or pseudo rows
+    batch_row: float | None = None   # one more request in a plain decode step (None: `row`)
 
     def __post_init__(self) -> None:
-        if min(self.row, self.pseudo_row, self.fixed) < 0:
+        if min(self.row, self.pseudo_row, self.fixed, self.context, self.plain_row) < 0:
             raise ValueError(f"step costs must be >= 0, got {self}")
+
+    @property
+    def plain_row(self) -> float:
+        return self.row if self.batch_row is None else self.batch_row
 
 
 @dataclass(frozen=True)
@@ -69,24 +72,28 @@ def no_drafts() -> DraftPlan:
 
 
 def predicted_speedup(tree: TokenTree, anchors: Sequence[int], accuracy: Sequence[Sequence[float]],
-                      num_steps: int, batch_size: int, cost: StepCost) -> tuple[float, float]:
-    """(speedup vs plain, tokens per step) of drafting with `tree` and these anchors at a batch size."""
+                      num_steps: int, batch_size: int, cost: StepCost,
+                      context_tokens: float = 0.0) -> tuple[float, float]:
+    """(speedup vs plain, tokens per step) of drafting with `tree` and these anchors at a batch size
+    and a mean context length. Each anchor carries D = min(k, tree depth) pseudo rows (what the
+    next tree reads)."""
     ends = end_probabilities(tree, accuracy)                                  # [N + 1]
     q = float(ends[list(anchors)].sum()) if anchors else 0.0
     pi_d = 1.0 / (2.0 - q)
     pi_p = 1.0 - pi_d
     tau = expected_accepted_length(tree.paths, accuracy)
     tokens = pi_d * tau + pi_p
-    plain = 1.0 + cost.row * (batch_size - 1)
-    extra = pi_d * (cost.row * (tree.num_nodes - 1) + cost.pseudo_row * num_steps * len(anchors)) \
-        + pi_p * cost.pseudo_row * num_steps
+    depth = min(num_steps, tree.max_depth)
+    plain = 1.0 + cost.plain_row * (batch_size - 1)
+    extra = pi_d * (cost.row * (tree.num_nodes - 1) + cost.pseudo_row * depth * len(anchors)) \
+        + pi_p * cost.pseudo_row * depth + cost.context * context_tokens / 1000.0
     ht = plain + cost.fixed + batch_size * extra
     return tokens * plain / ht, tokens
 
 
 def best_plan(batch_size: int, accuracy: Sequence[Sequence[float]], templates: dict, num_steps: int,
               cost: StepCost, budgets: Sequence[int] = CANDIDATE_BUDGETS, max_nodes: int = 64,
-              pseudo_nodes: int | None = None, margin: float = 0.02) -> DraftPlan:
+              pseudo_nodes: int | None = None, margin: float = 0.02, context_tokens: float = 0.0) -> DraftPlan:
     """The (tree, anchors) with the highest predicted speedup at this batch size, or no drafting."""
     best = no_drafts()
     for n in budgets:
@@ -97,7 +104,8 @@ def best_plan(batch_size: int, accuracy: Sequence[Sequence[float]], templates: d
         counts = [pseudo_nodes] if pseudo_nodes else range(1, tree.num_nodes + 1)
         for a in counts:
             anchors = tuple(sorted(order[: min(a, tree.num_nodes)]))
-            speedup, tokens = predicted_speedup(tree, anchors, accuracy, num_steps, batch_size, cost)
+            speedup, tokens = predicted_speedup(tree, anchors, accuracy, num_steps, batch_size, cost,
+                                                context_tokens)
             if speedup > max(best.speedup, 1.0 + margin):
                 best = DraftPlan(tree=tree, anchors=anchors, speedup=speedup, tokens_per_step=tokens)
     return best

@@ -8,12 +8,14 @@ through vLLM's stock `propose()` (i.e. without the HT worker), it refuses with t
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import torch
 
 from ..tree import TokenTree, accuracy_table, likely_end_nodes, template_for_budget
+from ..calibration import calibration_path, load_costs
 from .options import HTOptions
-from .policy import DraftPlan, best_plan, no_drafts, predicted_speedup
+from .policy import DraftPlan, StepCost, best_plan, no_drafts, predicted_speedup
 
 log = logging.getLogger(__name__)
 
@@ -21,8 +23,9 @@ log = logging.getLogger(__name__)
 class HTProposer:
     def __init__(self, vllm_config):
         self.options = HTOptions.from_vllm_config(vllm_config)
+        self.cost = self._load_cost(vllm_config)
         self.ht_config = None
-        self._plans: dict[int, DraftPlan] = {}            # batch size -> plan
+        self._plans: dict[tuple[int, int], DraftPlan] = {}   # (batch size, context bucket) -> plan
         self._anchors: dict[TokenTree, list[int]] = {}     # tree (or a scheduled prefix) -> anchor nodes
 
     def load_model(self, model) -> None:
@@ -41,32 +44,44 @@ class HTProposer:
     def accuracy(self) -> list:
         return accuracy_table(self.ht_config.topr_accuracy, self.ht_config.num_steps)
 
-    def plan_for_batch(self, batch_size: int) -> DraftPlan:
-        """The tree and anchors for a step with `batch_size` requests (all of them, prefill chunks
-        included; cached per size)."""
-        batch_size = max(batch_size, 1)
-        if batch_size not in self._plans:
-            self._plans[batch_size] = plan = self._make_plan(batch_size)
-            self._anchors[plan.tree] = list(plan.anchors)
-            log.info("vllm-ht: batch %d -> %d draft nodes, %d with pseudo rows (predicted %.2fx vs plain)",
-                     batch_size, plan.tree.num_nodes - 1, len(plan.anchors), plan.speedup)
-        return self._plans[batch_size]
+    def _load_cost(self, vllm_config) -> StepCost:
+        """The options' explicit costs over the calibration file's over the defaults."""
+        mc = vllm_config.model_config
+        path = Path(self.options.calibration) if self.options.calibration else calibration_path(mc.model, mc.dtype)
+        calibrated = load_costs(path)
+        if calibrated is None:
+            log.warning("vllm-ht: no step-cost calibration at %s; using cautious default costs (run "
+                        "`vllm-ht calibrate --model %s` to measure this machine)", path, mc.model)
+        else:
+            log.info("vllm-ht: step costs from %s", path)
+        return self.options.cost_with(calibrated)
 
-    def _make_plan(self, batch_size: int) -> DraftPlan:
+    def plan_for_batch(self, batch_size: int, context_tokens: float = 0.0) -> DraftPlan:
+        """The tree and anchors for a step with `batch_size` requests (all of them, prefill chunks
+        included) at a mean context length; cached per size and context bucket (powers of two)."""
+        batch_size = max(batch_size, 1)
+        bucket = 1 << max(int(context_tokens), 1).bit_length()          # 100 -> 128, 1000 -> 1024
+        key = (batch_size, bucket)
+        if key not in self._plans:
+            self._plans[key] = plan = self._make_plan(batch_size, bucket)
+            self._anchors.setdefault(plan.tree, list(plan.anchors))
+            log.info("vllm-ht: batch %d, context <%d -> %d draft nodes, %d with pseudo rows (predicted %.2fx "
+                     "vs plain)", batch_size, bucket, plan.tree.num_nodes - 1, len(plan.anchors), plan.speedup)
+        return self._plans[key]
+
+    def _make_plan(self, batch_size: int, context_tokens: float) -> DraftPlan:
         opts, cfg = self.options, self.ht_config
         cap = opts.max_nodes_for_batch(batch_size)
         if opts.num_nodes is None:
-            return best_plan(batch_size, self.accuracy, cfg.tree_templates, cfg.num_steps, opts.cost,
-                             max_nodes=cap, pseudo_nodes=opts.pseudo_nodes)
+            return best_plan(batch_size, self.accuracy, cfg.tree_templates, cfg.num_steps, self.cost,
+                             max_nodes=cap, pseudo_nodes=opts.pseudo_nodes, context_tokens=context_tokens)
         if opts.num_nodes == 0:
             return no_drafts()
         tree = template_for_budget(cfg.tree_templates, cfg.topr_accuracy, opts.num_nodes, cfg.num_steps)
         anchors = tuple(likely_end_nodes(tree, self.accuracy, opts.pseudo_nodes or tree.num_nodes))
-        speedup, tokens = predicted_speedup(tree, anchors, self.accuracy, cfg.num_steps, batch_size, opts.cost)
+        speedup, tokens = predicted_speedup(tree, anchors, self.accuracy, cfg.num_steps, batch_size, self.cost,
+                                            context_tokens)
         return DraftPlan(tree=tree, anchors=anchors, speedup=speedup, tokens_per_step=tokens)
-
-    def tree_for_batch(self, batch_size: int) -> TokenTree:
-        return self.plan_for_batch(batch_size).tree
 
     def anchor_nodes(self, tree: TokenTree) -> list[int]:
         """Nodes of a scheduled tree that get pseudo rows: the plan's anchors, or for a prefix the

@@ -28,6 +28,7 @@ import kernels
 from ..tree import TokenTree
 from ..verify import SamplingParams, verify_tree
 from .attention import STEP_KEY
+from .policy import DraftPlan
 from .step import HTStep
 
 log = init_logger(__name__)
@@ -61,6 +62,7 @@ class StepState:
     sched: object                                      # vLLM's SchedulerOutput
     step: HTStep | None = None
     pseudo_hidden: torch.Tensor | None = None          # [A, D, d] final-normed pseudo states
+    plan: DraftPlan | None = None                      # the policy's tree and anchors for this step
     accepted: dict[int, list[int]] = field(default_factory=dict)   # request index -> accepted rows
     block_table: torch.Tensor | None = None
     cache_layout: str = kernels.ROWS
@@ -112,7 +114,9 @@ class HTRunnerMixin:
         step = HTStep.build(q_lens, trees)
         # The policy's batch size is every request in the step (prefill chunks too): counting only
         # the sampling ones would plan batch-1 trees while other prompts are still prefilling.
-        plan = self.drafter.plan_for_batch(batch.num_reqs)
+        n = batch.num_reqs
+        context = float(batch.num_computed_tokens_cpu[:n].mean()) if n else 0.0
+        self.ht.plan = plan = self.drafter.plan_for_batch(n, context)
         if drafting and plan.drafts:                  # else: no pseudo rows at all
             anchors = {i: self.drafter.anchor_nodes(tree) for i, tree in trees.items()}
             anchors.update({i: [row] for i, row in last_rows.items() if self._wants_drafts(req_ids[i])})
@@ -275,7 +279,8 @@ class HTRunnerMixin:
     # ---- drafting --------------------------------------------------------------------------
     def propose_draft_token_ids(self, scheduler_output, sampled_token_ids, *args, **kwargs):
         live = [i for i, toks in enumerate(sampled_token_ids) if toks]
-        tree = self.drafter.tree_for_batch(self.input_batch.num_reqs)   # as in _build_step
+        plan = self.ht.plan if self.ht is not None else None
+        tree = plan.tree if plan is not None else TokenTree.from_paths([])   # the plan _build_step used
         result = self._from_first_rank(self._propose(sampled_token_ids, live, tree))
         self.ht_trees = {self.input_batch.req_ids[i]: (tree, drafts) for i, drafts in enumerate(result) if drafts}
         self.ht = None                                                    # the step is over

@@ -85,6 +85,9 @@ class PseudoRows:
     window_start_loc: torch.Tensor  # [B + 1] int32
     masks: dict[int, torch.Tensor]  # first layer of a join group -> [A * D, words] int32
     joins: dict[int, list[int]]     # transfer layer -> steps (< D) that join there
+    # The same for real and pseudo rows together, in window order (rows = window_rows): tree steps
+    # run one attention call per layer over both from the first transfer layer on.
+    joint_masks: dict[int, torch.Tensor]   # join group -> [W, words] int32
 
     @property
     def num_rows(self) -> int:
@@ -113,6 +116,12 @@ class HTStep:
     @property
     def num_real(self) -> int:
         return sum(self.q_lens)
+
+    @property
+    def causal(self) -> bool:
+        """Every real row sees its whole window before it: no trees, or only chains (a chain's
+        ancestor mask is the causal mask), so vLLM's causal attention kernel serves the real rows."""
+        return all(all(p == (0,) * len(p) for p in tree.paths) for tree in self.trees.values())
 
     def add_pseudo_rows(self, anchor_rows: dict[int, list[int]], depth: int, start: int,
                         positions: torch.Tensor, joins: dict[int, list[int]]) -> None:
@@ -155,18 +164,25 @@ class HTStep:
         join_of_step = {s_: j for j, ss in joins.items() for s_ in ss}
         used = {j: [s_ for s_ in ss if s_ < depth] for j, ss in joins.items()}
         used = {j: ss for j, ss in sorted(used.items()) if ss}
-        masks = {}
+        # real rows in window order: their own visibility over the real part of the window
+        real_rows = torch.zeros(seq_of_key.numel(), width, dtype=torch.bool)
+        real_rows[is_real, :real_w] = self.real_visible[window_rows[is_real]]
+        is_pseudo = ~is_real
+        masks, joint_masks = {}, {}
         for j in used:
             joined = torch.tensor([join_of_step[s_] <= j for s_ in range(depth)])    # [D]
             vis = (steps[None, :] <= s[:, None]) & joined[None, :]
             m = base.clone()
             m.scatter_(1, group_cols, vis)
             masks[j] = pack_window_mask(m)
+            joint = real_rows.clone()
+            joint[is_pseudo] = m
+            joint_masks[j] = pack_window_mask(joint)
         self.pseudo = PseudoRows(
             start=start, depth=depth, anchors=anchors, anchor_seq=anchor_seq,
             positions=(positions[anchors].long()[:, None] + torch.arange(1, depth + 1)).flatten(),
             query_start_loc=q_loc.to(torch.int32), window_rows=window_rows,
-            window_start_loc=w_loc.to(torch.int32), masks=masks, joins=used)
+            window_start_loc=w_loc.to(torch.int32), masks=masks, joins=used, joint_masks=joint_masks)
 
     def pseudo_hidden(self, hidden: torch.Tensor) -> torch.Tensor | None:
         """The model's output rows -> the pseudo rows' final states [A, D, d] (None without any)."""

@@ -1,0 +1,147 @@
+"""The HT step without an engine: HTStep / pseudo-row layout against step.py's worked example, the
+transfer op, the runner's scheduled tree under scheduler cuts, its persistent input buffers with
+padding, and KV compaction moves."""
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from kernels import unpack_window_mask
+from kernels.cache_layout import ROWS, read_slots
+from vllm_ht.tree import TokenTree
+from vllm_ht.vllm import transfer
+from vllm_ht.vllm.runner import HTRunnerMixin, StepState
+from vllm_ht.vllm.step import HTStep
+
+T, F = True, False
+SMALL_TREE = TokenTree.from_paths([[0], [1]])     # root + (0,) + (1,)
+
+
+def worked_example(start: int = 4, joins=None) -> HTStep:
+    step = HTStep.build([3, 1], {0: SMALL_TREE})
+    positions = torch.tensor([10, 11, 11, 20])      # tree rows at root + depth; the decode row at 20
+    step.add_pseudo_rows({0: [0, 1, 2], 1: [0]}, depth=2, start=start, positions=positions,
+                         joins=joins or {5: [0, 1, 2]})
+    return step
+
+
+def test_real_window_mask_is_the_worked_example():
+    step = worked_example()
+    assert step.real_visible.tolist() == [[T, F, F], [T, T, F], [T, F, T], [T, F, F]]
+
+
+def test_pseudo_layout_is_the_worked_example():
+    p = worked_example().pseudo
+    assert p.num_rows == 8 and p.start == 4
+    assert p.anchors.tolist() == [0, 1, 2, 3] and p.anchor_seq.tolist() == [0, 0, 0, 1]
+    assert p.query_start_loc.tolist() == [0, 6, 8]
+    assert p.window_rows.tolist() == [0, 1, 2, 4, 5, 6, 7, 8, 9, 3, 10, 11]
+    assert p.window_start_loc.tolist() == [0, 9, 12]
+    # anchor position + s + 1, anchor-major
+    assert p.positions.tolist() == [11, 12, 12, 13, 12, 13, 21, 22]
+    mask = unpack_window_mask(p.masks[5], 9)
+    assert mask[3].tolist() == [T, T, F, F, F, T, T, F, F]          # pseudo row (a=1, s=1)
+    assert mask[2].tolist() == [T, T, F, F, F, T, F, F, F]          # (a=1, s=0): its own step 0 only
+    assert mask[6, :3].tolist() == [T, T, F]                        # request 1: row 3, then its steps 0, 1
+    assert mask[7, :3].tolist() == [T, T, T]                        # decode anchor: itself + its group
+
+
+def test_joint_mask_gives_real_rows_their_own_window_and_no_pseudo_key():
+    p = worked_example().pseudo
+    joint = unpack_window_mask(p.joint_masks[5], 9)
+    assert joint[:3].tolist() == [[T, F, F] + [F] * 6, [T, T, F] + [F] * 6, [T, F, T] + [F] * 6]
+    assert torch.equal(joint[3:9], unpack_window_mask(p.masks[5], 9)[:6])      # request 0's pseudo rows
+    assert joint[9, :3].tolist() == [T, F, F]                                # request 1's real row
+
+
+def test_steps_joining_later_are_invisible_until_they_join():
+    p = worked_example(joins={5: [0], 8: [1, 2]}).pseudo
+    assert p.group_for_layer(4) is None and p.group_for_layer(6) == 5 and p.group_for_layer(9) == 8
+    early, late = unpack_window_mask(p.masks[5], 9), unpack_window_mask(p.masks[8], 9)
+    assert early[1].tolist() == [T, F, F, T, F, F, F, F, F]          # (a=0, s=1) sees step 0 only
+    assert late[1].tolist() == [T, F, F, T, T, F, F, F, F]
+    assert p.joins == {5: [0], 8: [1]}                                 # step 2 is beyond depth 2
+
+
+def test_padding_rows_stay_before_the_pseudo_rows():
+    p = worked_example(start=6).pseudo                  # two padding rows (4, 5) after the real rows
+    assert p.window_rows.tolist() == [0, 1, 2, 6, 7, 8, 9, 10, 11, 3, 12, 13]
+    hidden = torch.arange(14.0)[:, None].repeat(1, 3)
+    assert worked_example(start=6).pseudo_hidden(hidden)[:, :, 0].tolist() == [[6, 7], [8, 9], [10, 11], [12, 13]]
+
+
+def test_transfer_op_writes_projected_anchors_and_zero_residual(monkeypatch):
+    step = worked_example(start=4)
+    monkeypatch.setattr(transfer, "current_step", lambda: step)
+    gen = torch.Generator().manual_seed(0)
+    d = 6
+    hidden, residual = torch.randn(12, d, generator=gen), torch.randn(12, d, generator=gen)
+    weight, bias = torch.randn(3, d, d, generator=gen), torch.randn(3, d, generator=gen)
+    h0, r0 = hidden.clone(), residual.clone()
+    transfer.ht_transfer(hidden, residual, weight, bias, 5, [0, 1, 2])
+    stream = h0[:4] + r0[:4]
+    for a in range(4):
+        for s in range(2):
+            row = 4 + 2 * a + s
+            torch.testing.assert_close(hidden[row], stream[a] @ weight[s].T + bias[s])
+            assert torch.all(residual[row] == 0)
+    assert torch.equal(hidden[:4], h0[:4]) and torch.equal(residual[:4], r0[:4])   # real rows untouched
+    before = hidden.clone()
+    transfer.ht_transfer(hidden, residual, weight, bias, 7, [])                     # not a join layer
+    assert torch.equal(hidden, before)
+
+
+def _runner(**attrs):
+    return SimpleNamespace(**attrs)
+
+
+def test_scheduled_tree_follows_scheduler_cuts():
+    tree = TokenTree.from_paths([[0], [1], [0, 0]])
+    fake = _runner(ht_trees={"r": (tree, [7, 8, 9])})
+    assert HTRunnerMixin._scheduled_tree(fake, "r", [7, 8, 9]) == tree
+    assert HTRunnerMixin._scheduled_tree(fake, "r", [7, 8]) == tree.prefix(3)
+    chain = HTRunnerMixin._scheduled_tree(fake, "r", [7, 5])                  # not what we proposed
+    assert chain.paths == ((0,), (0, 0))
+    assert HTRunnerMixin._scheduled_tree(fake, "other", [1]).paths == ((0,),)
+
+
+def test_pseudo_inputs_live_in_persistent_buffers():
+    fake = _runner(_ht_ids=torch.zeros(0, dtype=torch.int32), _ht_pos=torch.zeros(0, dtype=torch.int64),
+                   model_config=SimpleNamespace(max_model_len=22))
+    step = worked_example(start=4)
+    ids, pos = HTRunnerMixin._with_pseudo_rows(fake, torch.tensor([5, 6, 7, 8], dtype=torch.int32),
+                                               torch.tensor([10, 11, 11, 20]), step.pseudo)
+    assert ids.tolist() == [5, 6, 7, 8] + [0] * 8
+    assert pos.tolist() == [10, 11, 11, 20, 11, 12, 12, 13, 12, 13, 21, 21]     # clamped to max_model_len - 1
+    storage = fake._ht_pos.data_ptr()
+    _, pos2 = HTRunnerMixin._with_pseudo_rows(fake, torch.tensor([1, 2, 3, 4], dtype=torch.int32),
+                                              torch.tensor([1, 2, 2, 3]), step.pseudo)
+    assert pos2.data_ptr() == storage                          # written in place, not reallocated
+
+
+def test_compaction_moves_accepted_nodes_next_to_the_root():
+    block, heads, dim = 4, 1, 2
+    caches = [torch.arange(3 * block * 2 * dim, dtype=torch.float32).view(3, heads, block, 2 * dim) for _ in range(2)]
+    originals = [c.clone() for c in caches]
+    block_table = torch.tensor([[0, 1], [2, 0]], dtype=torch.int32)
+    tree = TokenTree.from_paths([[0], [1], [1, 0]])             # accepted root -> node 2 -> node 3
+    step = HTStep.build([4, 1], {0: tree})
+    fake = _runner(kv_caches=caches, input_batch=SimpleNamespace(num_computed_tokens_cpu=[3, 6]),
+                   ht=StepState(sched=None, step=step, accepted={0: [0, 2, 3], 1: [0]}, block_table=block_table,
+                                cache_layout=ROWS))
+    fake._ht_context_positions = lambda s: HTRunnerMixin._ht_context_positions(fake, s)
+    HTRunnerMixin._compact(fake, step)
+    slot = lambda pos: int(block_table[0, pos // block]) * block + pos % block      # noqa: E731
+    for cache, orig in zip(caches, originals):
+        # context 3: node 2 (position 5) -> 4, node 3 (position 6) -> 5; the root at 3 stays
+        assert torch.equal(read_slots(cache, torch.tensor([slot(4), slot(5)]), ROWS),
+                           read_slots(orig, torch.tensor([slot(5), slot(6)]), ROWS))
+        assert torch.equal(read_slots(cache, torch.tensor([slot(3)]), ROWS), read_slots(orig, torch.tensor([slot(3)]), ROWS))
+        assert torch.equal(cache[2], orig[2])                   # request 1 (no tree) untouched
+
+
+@pytest.mark.parametrize("depth", [1, 3])
+def test_only_the_rows_the_next_tree_reads(depth):
+    step = HTStep.build([1], {})
+    step.add_pseudo_rows({0: [0]}, depth=depth, start=1, positions=torch.tensor([7]), joins={3: [0, 1, 2]})
+    assert step.pseudo.num_rows == depth and step.pseudo.positions.tolist() == list(range(8, 8 + depth))
