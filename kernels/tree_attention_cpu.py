@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels._checks import check_tree_attention_args
-from kernels.cache_layout import ROWS, check_layout, gather_pages
+from kernels.cache_layout import ROWS, check_layout, gather_pages, split_k_transposed
 from kernels.window_mask import unpack_window_mask
 
 
@@ -49,6 +49,9 @@ class TreeAttentionPlan:
     any_blind: bool              # some row sees no key
     cache_layout: str = ROWS     # kernels.cache_layout
     pages: torch.Tensor | None = None   # [S, ceil(C / block_size)] long, blocks to unpack (K_TRANSPOSED)
+    # K_TRANSPOSED: attention straight over the packed blocks (no unpacking), see _run_packed
+    page_mask: torch.Tensor | None = None   # [S, 1, 1, R, P * block_size + W] bool
+    first_page: int | None = None           # one sequence whose blocks are consecutive: their first
 
     @classmethod
     def build(cls, query, kv_cache, block_table, context_lens, query_start_loc, window_key, window_value,
@@ -95,11 +98,22 @@ class TreeAttentionPlan:
         blind = ~mask.any(1)                                           # padding rows and rows that see nothing
         if mask.shape[1]:
             mask[blind, 0] = True                                      # keep softmax finite; zeroed after
+        page_mask, first_page = None, None
+        if cache_layout != ROWS:
+            # keys = every slot of the sequence's context pages (those past its context masked), then
+            # the window keys: the context part of `mask`, padded to whole pages
+            num_pages = pages.shape[1]
+            page_mask = torch.zeros(num_seqs * rows_max, num_pages * bs + win_max, dtype=torch.bool)
+            page_mask[:, :ctx_max] = mask[:, :ctx_max]
+            page_mask[:, num_pages * bs :] = mask[:, ctx_max:]
+            page_mask = page_mask.view(num_seqs, 1, 1, rows_max, -1)
+            if num_seqs == 1 and num_pages and bool((pages[0] == pages[0, 0] + torch.arange(num_pages)).all()):
+                first_page = int(pages[0, 0])
         return cls(num_rows=dims.num_rows, num_window=window_key.shape[0], block_size=bs,
                    ctx_block=ctx_block, ctx_offset=ctx_offset, window_rows=window_rows, row_grid=row_grid,
                    mask=mask.view(num_seqs, 1, rows_max, ctx_max + win_max), blind_rows=blind[row_grid],
                    dense_rows=dims.num_rows == num_seqs * rows_max, any_blind=bool(blind[row_grid].any()),
-                   cache_layout=cache_layout, pages=pages)
+                   cache_layout=cache_layout, pages=pages, page_mask=page_mask, first_page=first_page)
 
     def run(self, query: torch.Tensor, kv_cache: torch.Tensor, window_key: torch.Tensor,
             window_value: torch.Tensor, scale: float, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -109,6 +123,8 @@ class TreeAttentionPlan:
             raise ValueError(f"arguments do not match the plan: {num_rows} rows / {window_key.shape[0]} window "
                              f"keys / block size {kv_cache.shape[2]}, planned {self.num_rows} / "
                              f"{self.num_window} / {self.block_size}")
+        if self.page_mask is not None:
+            return self._run_packed(query, kv_cache, window_key, window_value, scale, out)
         num_seqs, _, rows_max, keys_len = self.mask.shape
         ctx_len = keys_len - self.window_rows.shape[1]
         kv = self._gather(kv_cache)                                                  # [S, C + W, Hkv, 2D]
@@ -126,6 +142,48 @@ class TreeAttentionPlan:
                                            scale=scale, enable_gqa=num_heads != kv.shape[1])  # [S, H, R, D]
         o = o.transpose(1, 2)
         result = o.reshape(num_seqs * rows_max, num_heads, head_dim)
+        if not self.dense_rows:
+            result = result[self.row_grid]
+        if self.any_blind:
+            result = result.clone()
+            result[self.blind_rows] = 0
+        if out is None:
+            return result.contiguous()
+        out.copy_(result)
+        return out
+
+    def _run_packed(self, query, kv_cache, window_key, window_value, scale: float, out) -> torch.Tensor:
+        """A K_TRANSPOSED cache read block by block into one contiguous [S, Hkv, keys, D] buffer per
+        half (a single transposing copy for K, a plain one for V; no copy of the index work when
+        one sequence's blocks are consecutive), window keys after them, then one fused SDPA."""
+        num_rows, num_heads, head_dim = query.shape
+        num_seqs, _, _, rows_max, keys_len = self.page_mask.shape
+        kt, v = split_k_transposed(kv_cache)                # [blocks, Hkv, D, bs], [blocks, Hkv, bs, D]
+        kv_heads, bs, num_pages = kt.shape[1], self.block_size, self.pages.shape[1]
+        if self.first_page is not None:
+            kt_sel, v_sel = kt[self.first_page : self.first_page + num_pages], v[self.first_page : self.first_page + num_pages]
+        else:
+            flat = self.pages.reshape(-1)
+            kt_sel, v_sel = kt.index_select(0, flat), v.index_select(0, flat)
+        ctx_keys = num_pages * bs
+        k = query.new_empty(num_seqs, kv_heads, keys_len, head_dim)
+        val = query.new_empty(num_seqs, kv_heads, keys_len, head_dim)
+        k[:, :, :ctx_keys].view(num_seqs, kv_heads, num_pages, bs, head_dim).copy_(
+            kt_sel.view(num_seqs, num_pages, kv_heads, head_dim, bs).permute(0, 2, 1, 4, 3))
+        val[:, :, :ctx_keys].view(num_seqs, kv_heads, num_pages, bs, head_dim).copy_(
+            v_sel.view(num_seqs, num_pages, kv_heads, bs, head_dim).transpose(1, 2))
+        if self.window_rows.shape[1]:
+            k[:, :, ctx_keys:] = window_key[self.window_rows].transpose(1, 2)
+            val[:, :, ctx_keys:] = window_value[self.window_rows].transpose(1, 2)
+        if self.dense_rows:
+            grid = query.view(num_seqs, rows_max, num_heads, head_dim)
+        else:
+            grid = query.new_zeros(num_seqs * rows_max, num_heads, head_dim)
+            grid[self.row_grid] = query
+            grid = grid.view(num_seqs, rows_max, num_heads, head_dim)
+        o = F.scaled_dot_product_attention(grid.transpose(1, 2), k, val, attn_mask=self.page_mask[:, 0],
+                                           scale=scale, enable_gqa=num_heads != kv_heads)   # [S, H, R, D]
+        result = o.transpose(1, 2).reshape(num_seqs * rows_max, num_heads, head_dim)
         if not self.dense_rows:
             result = result[self.row_grid]
         if self.any_blind:

@@ -68,7 +68,7 @@ def run(args) -> dict:
     llm.chat(conversations[:1], SamplingParams(max_tokens=4), use_tqdm=False)  # warm-up, not timed
     runs = {}
     for batch_size in args.batch_sizes:
-        before = spec_metrics(llm)
+        before, kinds_before = spec_metrics(llm), _step_kinds(llm, args)
         outputs, latencies, t1 = [], [], time.perf_counter()
         for start in range(0, len(conversations), batch_size):
             chunk = conversations[start : start + batch_size]
@@ -84,9 +84,25 @@ def run(args) -> dict:
                             "num_drafts": drafts, "num_accepted": acc,
                             "acceptance_per_depth": _depth_delta(before, after, drafts),
                             "ttft_ms": _mean([ttft for ttft, _ in latencies]),
-                            "tpot_ms": _mean([tpot for _, tpot in latencies])}
+                            "tpot_ms": _mean([tpot for _, tpot in latencies]),
+                            "step_kinds": _delta(kinds_before, _step_kinds(llm, args))}
         print(f"[offline] {args.method}: batch {batch_size} done", file=sys.stderr, flush=True)
     return {"method": args.method, "dtype": args.dtype, "startup_seconds": startup, "runs": runs}
+
+
+def _step_kinds(llm, args) -> dict:
+    """HT steps by kind so far (the worker counts them), summed over workers; {} for other methods."""
+    if args.method != "ht":
+        return {}
+    total: dict = {}
+    for counts in llm.collective_rpc("ht_step_counts"):
+        for kind, n in counts.items():
+            total[kind] = total.get(kind, 0) + n
+    return total
+
+
+def _delta(before: dict, after: dict) -> dict:
+    return {k: v - before.get(k, 0) for k, v in after.items() if v - before.get(k, 0)}
 
 
 def _latency(output) -> tuple[float | None, float | None]:

@@ -93,8 +93,7 @@ class HTProposer:
         return self._anchors[tree]
 
     @staticmethod
-    def drafts(tree: TokenTree, root_token: int, pseudo_logits: torch.Tensor) -> list[int]:
-        """pseudo_logits [k, V] of the accepted node -> draft tokens of tree nodes 1..N (BFS)."""
-        ranks = max((p[-1] for p in tree.paths), default=0) + 1
-        top = torch.topk(pseudo_logits.float(), ranks, dim=-1).indices
-        return tree.node_tokens(root_token, top)[1:].tolist()
+    def drafts(tree: TokenTree, root_token: int, top_ids: torch.Tensor) -> list[int]:
+        """top_ids [D, r] (the accepted node's pseudo rows' top-r token ids) -> draft tokens of tree
+        nodes 1..N (BFS)."""
+        return tree.node_tokens(root_token, top_ids)[1:].tolist()

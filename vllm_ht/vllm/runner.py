@@ -53,8 +53,9 @@ class StepState:
 
     Hook order in vLLM's V1 runner (each reads what the ones before it wrote):
       execute_model            StepState(sched)
-      _model_forward           .step (tree masks, pseudo rows), .block_table, .cache_layout;
+      _model_forward           .plan, .step (tree masks, pseudo rows), .block_table, .cache_layout;
                                after the forward .pseudo_hidden
+      _compute_logits          .pseudo_top (the pseudo rows ride along the real rows' LM head)
       sample_tokens -> _sample .rng_snapshots, .accepted (verification), then KV compaction
       _bookkeeping_sync        restores .rng_snapshots
       propose_draft_token_ids  the next trees from .pseudo_hidden; the state is dropped
@@ -62,6 +63,7 @@ class StepState:
     sched: object                                      # vLLM's SchedulerOutput
     step: HTStep | None = None
     pseudo_hidden: torch.Tensor | None = None          # [A, D, d] final-normed pseudo states
+    pseudo_top: torch.Tensor | None = None             # [A, D, r] their top-r token ids (long)
     plan: DraftPlan | None = None                      # the policy's tree and anchors for this step
     accepted: dict[int, list[int]] = field(default_factory=dict)   # request index -> accepted rows
     block_table: torch.Tensor | None = None
@@ -78,6 +80,26 @@ class HTRunnerMixin:
         self._ht_ids = torch.zeros(0, dtype=torch.int32)     # persistent input buffers (real + pseudo rows)
         self._ht_pos = torch.zeros(0, dtype=torch.int64)
         self.ht_step_counts: Counter = Counter()      # steps by kind ("plain", "tree", "pseudo", "padded")
+
+    def load_model(self, *args, **kwargs):
+        super().load_model(*args, **kwargs)
+        # One LM-head pass per step for the real rows and the pseudo rows (the LM head is a read of
+        # the whole vocabulary matrix, the same cost for 1 row or 20): see _compute_logits.
+        self._ht_lm_head = self.model.compute_logits
+        self.model.compute_logits = self._compute_logits
+
+    def _compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """vLLM asks for the real rows' logits right after the forward; this step's pseudo rows
+        ride along, and only their top-r token ids (what the next tree reads) are kept."""
+        st = self.ht
+        if st is None or st.pseudo_hidden is None or st.pseudo_top is not None:
+            return self._ht_lm_head(hidden)
+        n = hidden.shape[0]
+        logits = self._ht_lm_head(torch.cat([hidden, st.pseudo_hidden.flatten(0, 1)]))
+        ranks = max((p[-1] for p in st.plan.tree.paths), default=0) + 1
+        num_anchors, depth = st.pseudo_hidden.shape[:2]
+        st.pseudo_top = torch.topk(logits[n:].float(), ranks, dim=-1).indices.view(num_anchors, depth, ranks)
+        return logits[:n]
 
     def execute_model(self, scheduler_output, intermediate_tensors=None):
         self.ht = StepState(sched=scheduler_output)
@@ -305,10 +327,10 @@ class HTRunnerMixin:
                 picks.append((i, a))
         if not picks:
             return result
-        states = st.pseudo_hidden[torch.tensor([a for _, a in picks])]              # [R, D, d]
-        logits = self.model.compute_logits(states.flatten(0, 1)).view(len(picks), states.shape[1], -1)
-        for (i, _), lg in zip(picks, logits):
-            result[i] = drafter.drafts(tree, sampled_token_ids[i][-1], lg)
+        if st.pseudo_top is None:        # vLLM computed no logits this step (cannot happen when sampling)
+            return result
+        for i, a in picks:
+            result[i] = drafter.drafts(tree, sampled_token_ids[i][-1], st.pseudo_top[a])
         return result
 
     # ---- tensor parallelism: the first rank decides, every rank applies ------------------------

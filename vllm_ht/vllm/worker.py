@@ -31,6 +31,10 @@ class HTCPUWorker(CPUWorker):
         register_backend(AttentionBackendEnum.CPU_ATTN, cpu_backend_for(vllm_config, requested))
         super().__init__(vllm_config, *args, **kwargs)
 
+    def ht_step_counts(self) -> dict:
+        """HT steps by kind so far (collective_rpc("ht_step_counts")): plain, tree, pseudo, tree+pseudo, padded."""
+        return dict(self.model_runner.ht_step_counts)
+
     def init_device(self):
         # CPUWorker builds its runner inline from the module global: swap the class in for that call
         with patch.object(cpu_worker, "CPUModelRunner", HTCPUModelRunner):
