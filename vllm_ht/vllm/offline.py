@@ -24,7 +24,8 @@ def engine_kwargs(args) -> dict:
         return ht_engine_kwargs(args.model, checkpoint=args.checkpoint, num_nodes=args.num_nodes,
                                 row_budget=args.row_budget, pseudo_nodes=args.pseudo_nodes,
                                 tensor_parallel_size=args.tensor_parallel_size,
-                                cpu_cache_layout=None if args.cpu_cache_layout == "auto" else args.cpu_cache_layout)
+                                cpu_cache_layout=None if args.cpu_cache_layout == "auto" else args.cpu_cache_layout,
+                                options=json.loads(args.ht_options) if args.ht_options else None)
     if args.method == "ngram":
         return {"speculative_config": {"method": "ngram", "num_speculative_tokens": 3,
                                        "prompt_lookup_max": 3, "prompt_lookup_min": 1}}
@@ -138,6 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cpu-cache-layout", choices=["auto", "rows"], default="auto",
                    help="HT on CPU: 'auto' keeps vLLM's own KV packing where readable (causal steps then run "
                         "vLLM's attention kernel); 'rows' forces the plain layout")
+    p.add_argument("--ht-options", help="further HT options as JSON (additional_config['vllm_ht'])")
     p.add_argument("--prompts", required=True)
     p.add_argument("--limit", type=int)
     p.add_argument("--max-tokens", type=int, default=64)
