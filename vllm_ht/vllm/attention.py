@@ -104,13 +104,18 @@ class HTCPUMetadataBuilder(CPUAttentionMetadataBuilder):
 class HTNativeCPUMetadataBuilder(CPUAttentionMetadataBuilder):
     """Ours plus CPU_ATTN's own (K_TRANSPOSED caches: causal steps run vLLM's kernel)."""
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        if native_cache_layout(self.isa, self.dtype, self.block_size, self.head_dim) != K_TRANSPOSED:
-            raise RuntimeError(f"vllm-ht: CPU attention ISA {self.isa!r} (dtype {self.dtype}, block size "
-                               f"{self.block_size}, head size {self.head_dim}) does not pack the cache as "
-                               f"{K_TRANSPOSED}, but the worker chose that layout; report this as a bug and "
-                               f"set additional_config vllm_ht.cpu_cache_layout='rows' meanwhile")
+    def __init__(self, kv_cache_spec, layer_names, *args, **kwargs):
+        super().__init__(kv_cache_spec, layer_names, *args, **kwargs)
+        isa = ht_native_isa(self.isa, self.dtype, self.block_size, self.head_dim)
+        if isa is None:
+            raise RuntimeError(f"vllm-ht: no CPU attention ISA of this vLLM (tried {self.isa!r}, then "
+                               f"{FALLBACK_ISAS}) packs the cache as {K_TRANSPOSED} (dtype {self.dtype}, block "
+                               f"size {self.block_size}, head size {self.head_dim}), but the worker chose that "
+                               f"layout; report this as a bug and set additional_config "
+                               f"vllm_ht.cpu_cache_layout='rows' meanwhile")
+        if isa != self.isa:              # e.g. AMX packs bf16 in tiles: run vLLM's AVX-512 kernel instead
+            self.isa = isa
+            self._set_isa_to_layers(layer_names)
 
     def build(self, common_prefix_len, common_attn_metadata, fast_build: bool = False) -> HTAttentionMetadata:
         md = build_metadata(common_attn_metadata)
@@ -242,16 +247,33 @@ def native_cache_layout(isa: str, dtype: torch.dtype, block_size: int, head_size
     return K_TRANSPOSED if torch.equal(native, ours) else ROWS
 
 
+# vLLM CPU ISAs whose kernels take K_TRANSPOSED caches on most CPUs; tried, in this order, when the
+# ISA vLLM picks packs otherwise (AMX tiles for bf16): every step that has no tree still runs vLLM's
+# attention kernel, and tree rows read the cache with torch.
+FALLBACK_ISAS = ("vec", "vec16")
+
+
+def ht_native_isa(isa: str, dtype: torch.dtype, block_size: int, head_size: int) -> str | None:
+    """The ISA HT runs vLLM's CPU attention kernel with: vLLM's own choice when it packs the cache
+    as K_TRANSPOSED (checked by `native_cache_layout`), else the first fallback that does, else None."""
+    for candidate in (isa, *[i for i in FALLBACK_ISAS if i != isa]):
+        if native_cache_layout(candidate, dtype, block_size, head_size) == K_TRANSPOSED:
+            return candidate
+    return None
+
+
 def cpu_backend_for(vllm_config, requested: str = "auto") -> str:
     """The HT CPU backend class (import path) for this engine: native layout when the probe allows."""
-    isa = None
+    isa = chosen = None
     if requested == "auto":
         mc, cc = vllm_config.model_config, vllm_config.cache_config
         isa = _get_attn_isa(mc.dtype, cc.block_size, mc.get_head_size(), cc.cache_dtype)
-        requested = native_cache_layout(isa, mc.dtype, cc.block_size, mc.get_head_size())
+        chosen = ht_native_isa(isa, mc.dtype, cc.block_size, mc.get_head_size())
+        requested = K_TRANSPOSED if chosen else ROWS
     log.info("vllm-ht: CPU KV cache layout %s%s", requested,
-             " (vLLM's own; causal steps run its attention kernel)" if requested == K_TRANSPOSED
-             else f" (CPU_ATTN's ISA {isa} packs otherwise)" if isa else " (asked for)")
+             f" (vLLM's own, ISA {chosen}{'' if chosen == isa else f' instead of {isa}, which packs otherwise'}; "
+             f"steps without trees run its attention kernel)" if requested == K_TRANSPOSED
+             else f" (no CPU_ATTN ISA packs a layout we read; vLLM picked {isa})" if isa else " (asked for)")
     name = "HTNativeCPUAttentionBackend" if requested == K_TRANSPOSED else "HTCPUAttentionBackend"
     return f"{__name__}.{name}"
 
