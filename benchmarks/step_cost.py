@@ -145,6 +145,43 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def plot(rows: list[dict], path: Path) -> None:
+    """Left: HT step / plain step per batch size, one line per context (A/A dotted). Right: where a
+    batch-1 step's time goes, plain vs HT, per context."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for ctx in sorted({r["context"] for r in rows}):
+        mine = sorted((r for r in rows if r["context"] == ctx), key=lambda r: r["batch"])
+        line = left.plot([r["batch"] for r in mine], [r["ratio"] for r in mine], marker="o", label=f"context {ctx}")
+        left.plot([r["batch"] for r in mine], [r["aa_ratio"] for r in mine], ls=":", color=line[0].get_color())
+    left.axhline(1.0, color="grey", lw=0.8)
+    batches = sorted({r["batch"] for r in rows})
+    left.set_xscale("log", base=2)
+    left.set_xticks(batches, [str(b) for b in batches])
+    left.set(xlabel="batch size", ylabel="HT step / plain step", title="step cost (dotted: A/A plain)")
+    left.legend()
+    parts = ("rows_ms", "attention_ms", "host_ms", "sample_ms", "vllm_ms")
+    ones = sorted((r for r in rows if r["batch"] == 1), key=lambda r: r["context"])
+    labels, bottoms = [], None
+    for i, r in enumerate(ones):
+        for j, name in enumerate(("plain", "ht")):
+            x, bottom = 2 * i + j, 0.0
+            for k, part in enumerate(parts):
+                val = max(r[name][part], 0.0)
+                right.bar(x, val, bottom=bottom, color=f"C{k}", label=part[:-3] if x == 0 else None)
+                bottom += val
+            labels.append(f"{name}\n{r['context']}")
+    right.set_xticks(range(len(labels)), labels)
+    right.set(ylabel="ms per step", title="batch 1: where the time goes")
+    right.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="default: the prepared default model")
@@ -193,6 +230,7 @@ def main(argv=None) -> None:
         meta = {"argv": sys.argv[1:], "dtype": args.dtype, "num_nodes": args.num_nodes, "pseudo_nodes": args.pseudo_nodes,
                 "cpu": os.cpu_count(), "ld_preload": env.get("LD_PRELOAD", "")}
         Path(args.json).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+        plot(rows, Path(args.json).with_suffix(".png"))
 
 
 if __name__ == "__main__":
