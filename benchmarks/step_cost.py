@@ -14,8 +14,8 @@ Printed per (context, batch): plain step ms, HT step ms, the ratio HT / plain (t
 plain steps), the A/A ratio, HT tokens per step, and the HT step's breakdown:
   rows       forward minus attention (the matmuls of real + pseudo rows; compiled)
   attention  the attention backend (real rows; pseudo rows; tree rows)
-  host       HT's own host work: trees/masks/pseudo layout, input buffers, verification beyond
-             vLLM's sampler, KV compaction, drafting (LM head on pseudo rows + top-r)
+  host       HT's own host work: trees/masks/pseudo layout, input buffers, KV compaction,
+             drafting (the pseudo rows' LM head rides along vLLM's, counted under vllm)
   sample     vLLM's sampler, plus HT's tree verification
   vllm       the rest of the step (vLLM's input preparation and metadata, the LM head on real rows,
              bookkeeping, scheduler, IPC, output processing)
@@ -82,11 +82,13 @@ def engine_main(args) -> None:
         for bs in args.batch_sizes:
             prompts = [TokensPrompt(prompt_token_ids=context_tokens(tok, ctx, i)) for i in range(bs)]
             llm.collective_rpc(step_timing.collect)                                  # drop warm-up records
+            kinds_before = llm.collective_rpc(step_timing.step_counts)[0]
             t0 = time.perf_counter()
             outs = llm.generate(prompts, params, use_tqdm=False)
             wall = time.perf_counter() - t0
             records = llm.collective_rpc(step_timing.collect)[0]
-            counts = llm.collective_rpc(step_timing.step_counts)[0]
+            after = llm.collective_rpc(step_timing.step_counts)[0]
+            counts = {k: v - kinds_before.get(k, 0) for k, v in after.items() if v - kinds_before.get(k, 0)}
             decode = [r for r in records if r["decode"] and r["reqs"] == bs and "period" in r]
             tokens = sum(len(o.outputs[0].token_ids) for o in outs)
             cells.append({"context": ctx, "batch": bs, "wall_s": wall, "output_tokens": tokens,

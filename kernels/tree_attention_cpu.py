@@ -12,8 +12,9 @@ A plan does the index work once (arguments and glossary as in `kernels.tree_atte
     context length, a window key when its bit is set and it belongs to the sequence.
 Each layer is then one gather from the cache, one gather of window keys and one
 `scaled_dot_product_attention` over the padded batch (fp32 accumulation for every input dtype).
-The cache is read in either `kernels.cache_layout` layout: ROWS gathers token rows, K_TRANSPOSED
-(vLLM CPU_ATTN's packing) gathers the sequence's whole blocks and unpacks them.
+The cache is read in either `kernels.cache_layout` layout: ROWS gathers token rows; K_TRANSPOSED
+(vLLM CPU_ATTN's packing) copies the sequence's blocks once into contiguous K and V (a view of the
+cache, no gather, when one sequence's blocks are consecutive) and runs one fused SDPA.
 
 Worked example: block_size 2, block_table [[4, 7], [2, 0]], context_lens [3, 1]
     context gather  seq 0: positions 0, 1, 2 -> (block 4, off 0), (4, 1), (7, 0)
@@ -29,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels._checks import check_tree_attention_args
-from kernels.cache_layout import ROWS, check_layout, gather_pages, split_k_transposed
+from kernels.cache_layout import ROWS, check_layout, split_k_transposed
 from kernels.window_mask import unpack_window_mask
 
 
@@ -195,14 +196,9 @@ class TreeAttentionPlan:
         return out
 
     def _gather(self, kv_cache: torch.Tensor) -> torch.Tensor:
-        """[S, C + W, Hkv, 2D]: each sequence's context tokens (then filler for the window part)."""
+        """[S, C + W, Hkv, 2D] from a ROWS cache: each sequence's context tokens (then filler for the
+        window part)."""
         num_blocks, kv_heads, block_size, width = kv_cache.shape
-        if self.cache_layout != ROWS:
-            num_seqs, keys_len = self.ctx_block.shape
-            ctx_len = keys_len - self.window_rows.shape[1]
-            kv = kv_cache.new_empty(num_seqs, keys_len, kv_heads, width)
-            kv[:, :ctx_len] = gather_pages(kv_cache, self.pages)[:, :ctx_len]
-            return kv
         tokens = kv_cache.transpose(1, 2)                                 # [blocks, block_size, Hkv, 2D]
         if tokens.is_contiguous():   # token-major memory: one row copy per token
             slots = self.ctx_block * block_size + self.ctx_offset                  # [S, C + W]

@@ -97,12 +97,12 @@ def _runner(**attrs):
 
 def test_scheduled_tree_follows_scheduler_cuts():
     tree = TokenTree.from_paths([[0], [1], [0, 0]])
-    fake = _runner(ht_trees={"r": (tree, [7, 8, 9])})
-    assert HTRunnerMixin._scheduled_tree(fake, "r", [7, 8, 9]) == tree
-    assert HTRunnerMixin._scheduled_tree(fake, "r", [7, 8]) == tree.prefix(3)
-    chain = HTRunnerMixin._scheduled_tree(fake, "r", [7, 5])                  # not what we proposed
-    assert chain.paths == ((0,), (0, 0))
-    assert HTRunnerMixin._scheduled_tree(fake, "other", [1]).paths == ((0,),)
+    fake = _runner(ht_trees={"r": (tree, [7, 8, 9], [0, 1, 3])})
+    assert HTRunnerMixin._scheduled_tree(fake, "r", [7, 8, 9]) == (tree, [0, 1, 3])
+    assert HTRunnerMixin._scheduled_tree(fake, "r", [7, 8]) == (tree.prefix(3), [0, 1])   # node 3 was cut
+    chain, anchors = HTRunnerMixin._scheduled_tree(fake, "r", [7, 5])        # not what we proposed
+    assert chain.paths == ((0,), (0, 0)) and anchors is None
+    assert HTRunnerMixin._scheduled_tree(fake, "other", [1])[0].paths == ((0,),)
 
 
 def test_pseudo_inputs_live_in_persistent_buffers():

@@ -126,14 +126,18 @@ def _calibrate(args: argparse.Namespace) -> int:
     from .vllm.calibrate import calibrate, fit
 
     model = _model_dir(args.model)
-    path = Path(args.out) if args.out else calibration_path(model, args.dtype)
-    if args.if_missing and path.is_file():
+    # the file is named after the dtype the engine resolves (as the plugin looks it up)
+    aliases = {"bf16": "bfloat16", "half": "float16", "fp16": "float16", "float": "float32", "fp32": "float32"}
+    dtype = aliases.get(args.dtype, args.dtype)
+    path = Path(args.out) if args.out else calibration_path(model, dtype)
+    if args.if_missing and dtype != "auto" and path.is_file():
         print(f"calibration: {path} exists (kept)", file=sys.stderr)
         return 0
-    results, startup = calibrate(model, args.checkpoint, args.dtype, args.batch_sizes, args.short_context,
-                                 args.long_context, args.steps, args.enforce_eager)
+    results, startup, engine_dtype = calibrate(model, args.checkpoint, dtype, args.batch_sizes, args.short_context,
+                                               args.long_context, args.steps, args.enforce_eager)
+    path = Path(args.out) if args.out else calibration_path(model, engine_dtype)
     cost = fit(results, args.short_context)
-    save(path, cost, results, {"model": model, "dtype": args.dtype, "checkpoint": args.checkpoint,
+    save(path, cost, results, {"model": model, "dtype": engine_dtype, "checkpoint": args.checkpoint,
                                "compiled": not args.enforce_eager, "engine_startup_s": round(startup, 1)})
     print(f"calibration: {cost}\nwritten to {path} (the plugin reads it by default)\n"
           f"equivalent: --additional-config '{additional_config(cost)}'")

@@ -2,7 +2,7 @@
 tokens equal compiled plain vLLM's on 20 prompts x 64 tokens, one request at a time and in mixed
 batches of 8. HT steps are the same compiled forward over more rows (pseudo rows join through the
 transfer op), so the test also counts the kinds of step that ran: with pseudo rows, with and
-without trees (k = 3 drafts verified and compacted inside vLLM)."""
+without trees (16-node trees of depth 3: drafts at depth 3 verified and compacted inside vLLM)."""
 from e2e_helpers import run_engine, trained_checkpoint
 
 N, TOKENS = 20, 64
@@ -23,8 +23,10 @@ def test_compiled_ht_identical_to_compiled_plain(model_dir, tmp_path):
             f"batch {bs}: tau {run['mean_accepted_length']}: trees were not really verified"
         assert len(run["acceptance_per_depth"]) == 3, "no depth-3 draft was accepted"
         kinds = run["step_kinds"]
-        # steps with pseudo rows and a tree, and with pseudo rows but no tree (prefill, or after a
+        # steps with pseudo rows and a tree, and decode steps with pseudo rows but no tree (after a
         # node without pseudo rows was accepted). Steps without pseudo rows are the policy's
         # no-drafting steps: tests/e2e/test_default_policy_e2e.py and the chain-only tests run those.
-        assert kinds.get("tree+pseudo", 0) > 0 and kinds.get("pseudo", 0) > kinds.get("tree+pseudo", 0), kinds
+        assert kinds.get("tree+pseudo", 0) > 0, kinds
+        if bs == "1":
+            assert kinds.get("decode+pseudo", 0) > 0, kinds
         assert kinds.get("padded", 0) == 0, kinds          # vLLM's CPU build never pads a batch

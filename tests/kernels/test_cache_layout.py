@@ -50,6 +50,8 @@ SHAPES = [
     pytest.param([1, 5, 129], [1, 18, 463], None, id="odd-rows-and-contexts"),
     pytest.param([17, 1, 3], [1328, 0, 33], [17, 1, 40], id="long-context-wide-window"),
     pytest.param([4, 0, 2], [5, 9, 0], [4, 3, 0], id="empty-sequence-and-empty-window"),
+    pytest.param([1], [300], None, id="one-sequence-decode"),
+    pytest.param([4], [129], [10], id="one-sequence-window-wider-than-its-rows"),
 ]
 
 
@@ -69,6 +71,22 @@ def test_attention_plan_reads_the_packed_cache(rows, contexts, windows, dtype):
                                                     problem.window_value, problem.scale)
     if sum(contexts):
         assert not torch.allclose(wrong, want, **TOLERANCES[dtype])
+
+
+@pytest.mark.parametrize("consecutive", [True, False])
+def test_one_sequence_on_consecutive_blocks_reads_them_in_place(consecutive):
+    """One sequence whose blocks are consecutive is read through a view of the cache (no block
+    gather); the result is the reference's either way."""
+    problem = make_problem([3], [200], [6], num_heads=9, num_kv_heads=3, block_size=32, seed=7)
+    blocks = problem.block_table.shape[1]
+    problem.block_table[0] = torch.arange(blocks) + 2 if consecutive else torch.arange(blocks).flip(0) + 2
+    args = list(problem.args())
+    want = tree_paged_attention_ref(*args)
+    args[1] = to_layout(problem.kv_cache, K_TRANSPOSED)
+    plan = TreeAttentionPlan.build(*args[:-1], cache_layout=K_TRANSPOSED)
+    assert (plan.first_page is not None) == consecutive
+    got = plan.run(problem.query, args[1], problem.window_key, problem.window_value, problem.scale)
+    torch.testing.assert_close(got, want, **TOLERANCES[torch.float32])
 
 
 def test_compaction_moves_tokens_in_the_packed_cache():

@@ -3,11 +3,10 @@
 KV layout, per layer the logical view [num_blocks, num_kv_heads, block_size, 2 * head_size]
 (`kernels.cache_layout` says what the memory means):
   - K_TRANSPOSED, vLLM CPU_ATTN's own packing, on CPUs whose attention ISA writes it ("vec",
-    "vec16"; checked by a probe write at start-up, `cpu_cache_layout`). Backend calls in a step
-    without trees (prefill, plain decode; in steps with pseudo rows, the layers below the transfer
-    layer) then run vLLM's native CPU attention kernel, as plain vLLM does; tree rows, and every
-    row of the joint layers above the transfer layer, read the packed blocks through the planned
-    torch path.
+    "vec16"; checked by a probe write at start-up, `cpu_cache_layout`; where vLLM's ISA packs
+    otherwise, e.g. AMX tiles for bf16, HT runs the "vec" kernel instead). Real rows of a step
+    without trees (or with chain drafts only) run vLLM's native CPU attention kernel, as plain vLLM
+    does; tree rows and pseudo rows read the packed blocks through the planned torch path.
   - ROWS wherever the probe finds another packing (e.g. AMX tiles), or when asked: K || V on the
     last axis over token-major memory (vLLM's LBNHC), so the CPU path gathers a sequence's context
     as one row copy per token.
@@ -16,7 +15,7 @@ Every row attends to (a) its request's cached context (tokens before this step) 
 step's window under a bitmask (`kernels.tree_paged_attention`, Triton, on CUDA; on the CPU a
 `kernels.TreeAttentionPlan` built on the step's first layer and reused by the others). Plain
 requests get a causal window; tree requests the tree mask from the runner's HTStep; pseudo rows
-(see model.py) the anchor's mask plus their own group.
+(step.py) the anchor's mask plus their own group.
 """
 from __future__ import annotations
 
@@ -58,7 +57,7 @@ class HTAttentionMetadata:
     block_table: torch.Tensor       # [B, max_blocks] int32
     slot_mapping: torch.Tensor      # [T] int64
     causal_bits: torch.Tensor       # [T, words] int32: the causal window mask, for plain steps
-    # CPU attention plans of this step, by row set ("real", "pseudo<join layer>"); one metadata object serves
+    # CPU attention plans of this step, by row set ("real", "pseudo<join>", "joint<join>"); one metadata object serves
     # every layer of the step, so layer 0 builds a plan and the others reuse it.
     plans: dict = field(default_factory=dict)
     cache_layout: str = ROWS        # kernels.cache_layout

@@ -72,7 +72,7 @@ def calibrate(model: str, checkpoint: str | None, dtype: str, batch_sizes: list[
     for kind, b, ctx, n, a in tqdm(jobs, desc="calibrate", unit="cell"):
         results.append({"kind": kind, "num_nodes": n, "pseudo_nodes": a, **cell(b, ctx, n, a)})
     llm.collective_rpc(step_timing.set_plan, args=(None, None))
-    return results, startup
+    return results, startup, str(llm.llm_engine.model_config.dtype).removeprefix("torch.")
 
 
 def fit(results: list[dict], short: int):

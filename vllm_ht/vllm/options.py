@@ -19,7 +19,7 @@ class HTOptions:
     checkpoint: str | None = None     # None -> identity projections (lossless, few accepted drafts)
     num_nodes: int | None = None      # fixed node budget; None -> chosen per step from the batch size
     row_budget: int = DEFAULT_ROW_BUDGET
-    # Tree nodes that carry k pseudo rows (the ones likeliest to end the accepted path); None ->
+    # Tree nodes that carry pseudo rows (the ones likeliest to end the accepted path); None ->
     # chosen with the tree by the policy. When the accepted node carries none, that request's
     # next step has no drafts.
     pseudo_nodes: int | None = None

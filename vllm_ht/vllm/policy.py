@@ -3,7 +3,8 @@
 Speculation spends compute to save steps. Whether it pays depends on the draft accuracy (the
 checkpoint's measured conditional top-r table) and on what extra rows cost on this hardware
 (`StepCost`). Words as in `vllm_ht.tree`; in addition:
-- anchor: a tree node that carries k pseudo rows. Only the accepted node's pseudo rows are used,
+- anchor: a tree node that carries pseudo rows (D = the tree's depth: what the next tree
+  reads). Only the accepted node's pseudo rows are used,
   so a node unlikely to end the accepted path is a poor anchor.
 - drafting step (D): the request has a tree. If the accepted node is an anchor (probability q,
   the anchors' summed end probabilities) the next step drafts again; otherwise the next step is a

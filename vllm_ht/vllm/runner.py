@@ -58,7 +58,7 @@ class StepState:
       _compute_logits          .pseudo_top (the pseudo rows ride along the real rows' LM head)
       sample_tokens -> _sample .rng_snapshots, .accepted (verification), then KV compaction
       _bookkeeping_sync        restores .rng_snapshots
-      propose_draft_token_ids  the next trees from .pseudo_hidden; the state is dropped
+      propose_draft_token_ids  the next trees from .pseudo_top; the state is dropped
     """
     sched: object                                      # vLLM's SchedulerOutput
     step: HTStep | None = None
@@ -75,7 +75,9 @@ class HTRunnerMixin:
     """Mixed into GPUModelRunner / CPUModelRunner (V1). Per-step state lives in `self.ht` (StepState)."""
 
     def _ht_setup(self) -> None:
-        self.ht_trees: dict[str, tuple] = {}         # req_id -> (TokenTree, draft tokens) we proposed
+        # req_id -> (TokenTree, draft tokens, anchor nodes) we proposed; kept across steps in which
+        # the request is not scheduled, dropped when it finishes
+        self.ht_trees: dict[str, tuple] = {}
         self.ht: StepState | None = None
         self._ht_ids = torch.zeros(0, dtype=torch.int32)     # persistent input buffers (real + pseudo rows)
         self._ht_pos = torch.zeros(0, dtype=torch.int64)
@@ -102,7 +104,8 @@ class HTRunnerMixin:
         return logits[:n]
 
     def execute_model(self, scheduler_output, intermediate_tensors=None):
-        self.ht = StepState(sched=scheduler_output)
+        # an empty step returns early in vLLM (no sampling, no drafting): no state for it
+        self.ht = StepState(sched=scheduler_output) if scheduler_output.total_num_scheduled_tokens else None
         return super().execute_model(scheduler_output, intermediate_tensors)
 
     # ---- forward ---------------------------------------------------------------------------
@@ -123,12 +126,13 @@ class HTRunnerMixin:
         so, batch = self.ht.sched, self.input_batch
         req_ids = batch.req_ids[: batch.num_reqs]
         q_lens = [so.num_scheduled_tokens[r] for r in req_ids]
-        trees, last_rows = {}, {}
+        trees, planned, last_rows = {}, {}, {}
         start = 0
         for i, (req_id, n) in enumerate(zip(req_ids, q_lens)):
             drafts = so.scheduled_spec_decode_tokens.get(req_id) or []
             if drafts:
-                trees[i] = tree = self._scheduled_tree(req_id, drafts)
+                trees[i], planned[i] = self._scheduled_tree(req_id, drafts)
+                tree = trees[i]
                 positions[start + 1 : start + n] = positions[start] + tree.depths[1:].to(positions.device)
             elif batch.num_computed_tokens_cpu[i] + n >= batch.num_tokens_no_spec[i]:
                 last_rows[i] = n - 1                  # samples this step (partial prefill chunks do not)
@@ -140,19 +144,21 @@ class HTRunnerMixin:
         context = float(batch.num_computed_tokens_cpu[:n].mean()) if n else 0.0
         self.ht.plan = plan = self.drafter.plan_for_batch(n, context)
         if drafting and plan.drafts:                  # else: no pseudo rows at all
-            anchors = {i: self.drafter.anchor_nodes(tree) for i, tree in trees.items()}
+            anchors = {i: planned[i] or self.drafter.anchor_nodes(tree) for i, tree in trees.items()}
             anchors.update({i: [row] for i, row in last_rows.items() if self._wants_drafts(req_ids[i])})
             step.add_pseudo_rows(anchors, plan.tree.max_depth, num_input, positions[: step.num_real].cpu(),
                                  self.model.ht_config.joins)
         return step
 
-    def _scheduled_tree(self, req_id: str, drafts: list[int]) -> TokenTree:
-        """The tree of a request's scheduled drafts: the one we proposed, cut to what the scheduler
-        kept (it trims from the end); drafts we did not propose are verified as a plain chain."""
-        tree, proposed = self.ht_trees.get(req_id, (None, None))
+    def _scheduled_tree(self, req_id: str, drafts: list[int]) -> tuple[TokenTree, list[int] | None]:
+        """The tree of a request's scheduled drafts and the anchors its plan gave it: the tree we
+        proposed, cut to what the scheduler kept (it trims from the end; anchors past the cut go);
+        drafts we did not propose are verified as a plain chain (anchors: None, the policy's)."""
+        tree, proposed, anchors = self.ht_trees.get(req_id, (None, None, None))
         if tree is not None and len(drafts) < tree.num_nodes and list(drafts) == list(proposed[: len(drafts)]):
-            return tree.prefix(len(drafts) + 1)
-        return TokenTree.from_paths([[0] * d for d in range(1, len(drafts) + 1)])
+            kept = [a for a in anchors if a <= len(drafts)]
+            return tree.prefix(len(drafts) + 1), kept or None
+        return TokenTree.from_paths([[0] * d for d in range(1, len(drafts) + 1)]), None
 
     def _input_fits_in_drafter(self, *args, **kwargs) -> bool:
         # vLLM asks whether a separate draft model could take the sequence; near max_model_len it
@@ -203,10 +209,14 @@ class HTRunnerMixin:
         return ids, pos
 
     def _count_step(self, step: HTStep, num_input: int) -> None:
+        """Steps by kind: plain / tree / pseudo (any step with pseudo rows), and among those with
+        pseudo rows: tree+pseudo, and decode+pseudo (every request decodes one row, no tree)."""
         kind = "pseudo" if step.pseudo is not None else "tree" if step.trees else "plain"
         self.ht_step_counts[kind] += 1
         if step.trees and step.pseudo is not None:
             self.ht_step_counts["tree+pseudo"] += 1
+        if step.pseudo is not None and not step.trees and all(n == 1 for n in step.q_lens):
+            self.ht_step_counts["decode+pseudo"] += 1
         if num_input > step.num_real:
             self.ht_step_counts["padded"] += 1
 
@@ -304,7 +314,15 @@ class HTRunnerMixin:
         plan = self.ht.plan if self.ht is not None else None
         tree = plan.tree if plan is not None else TokenTree.from_paths([])   # the plan _build_step used
         result = self._from_first_rank(self._propose(sampled_token_ids, live, tree))
-        self.ht_trees = {self.input_batch.req_ids[i]: (tree, drafts) for i, drafts in enumerate(result) if drafts}
+        for req_id in scheduler_output.finished_req_ids:
+            self.ht_trees.pop(req_id, None)
+        anchors = list(plan.anchors) if plan is not None else []
+        for i, drafts in enumerate(result):
+            req_id = self.input_batch.req_ids[i]
+            if drafts:
+                self.ht_trees[req_id] = (tree, drafts, anchors)
+            else:
+                self.ht_trees.pop(req_id, None)
         self.ht = None                                                    # the step is over
         return result
 

@@ -23,12 +23,13 @@ from .attention import current_step
 
 def ht_transfer(hidden: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                 layer: int, steps: list[int]) -> None:
-    """hidden, residual [rows, d] (mutated); weight [k, d, d], bias [k, d] or None (hidden's dtype)."""
+    """hidden, residual [rows, d] (mutated); weight [k, d, d], bias [k, d] or None (hidden's dtype);
+    layer: this transfer layer's index; steps: the steps s whose l_s is this layer."""
     step = current_step()
     p = step.pseudo if step is not None else None
     if p is None:
         return
-    mine = p.joins.get(layer)
+    mine = [s for s in steps if s < p.depth]        # the steps joining here that the next tree reads
     if not mine:
         return
     anchors = p.anchors.to(hidden.device)
