@@ -132,17 +132,16 @@ class TreeAttentionPlan:
         if self.window_rows.shape[1]:
             kv[:, ctx_len:, :, :head_dim] = window_key[self.window_rows]
             kv[:, ctx_len:, :, head_dim:] = window_value[self.window_rows]
-        if self.dense_rows:          # no padding rows (e.g. a decode batch, R = 1): the rows are the grid
-            q = query.view(num_seqs, rows_max, num_heads, head_dim).transpose(1, 2)  # [S, H, R, D]
-        else:
-            grid = query.new_zeros(num_seqs * rows_max, num_heads, head_dim)
-            grid[self.row_grid] = query
-            q = grid.view(num_seqs, rows_max, num_heads, head_dim).transpose(1, 2)  # [S, H, R, D]
+        q = self._query_grid(query)                                                  # [S, H, R, D]
         kv = kv.transpose(1, 2)                                                      # [S, Hkv, C + W, 2D]
         o = F.scaled_dot_product_attention(q, kv[..., :head_dim], kv[..., head_dim:], attn_mask=self.mask,
                                            scale=scale, enable_gqa=num_heads != kv.shape[1])  # [S, H, R, D]
-        o = o.transpose(1, 2)
-        result = o.reshape(num_seqs * rows_max, num_heads, head_dim)
+        return self._finish(o, out)
+
+    def _finish(self, o: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+        """SDPA's [S, H, R, D] grid -> the query rows [T, H, D] (rows that see nothing: zeros)."""
+        num_seqs, num_heads, rows_max, head_dim = o.shape
+        result = o.transpose(1, 2).reshape(num_seqs * rows_max, num_heads, head_dim)
         if not self.dense_rows:
             result = result[self.row_grid]
         if self.any_blind:
@@ -152,6 +151,16 @@ class TreeAttentionPlan:
             return result.contiguous()
         out.copy_(result)
         return out
+
+    def _query_grid(self, query: torch.Tensor) -> torch.Tensor:
+        """Query rows [T, H, D] -> the padded [S, H, R, D] grid SDPA takes."""
+        num_seqs, rows_max = self.mask.shape[0], self.mask.shape[2]
+        num_heads, head_dim = query.shape[1:]
+        if self.dense_rows:          # no padding rows (e.g. a decode batch, R = 1): the rows are the grid
+            return query.view(num_seqs, rows_max, num_heads, head_dim).transpose(1, 2)
+        grid = query.new_zeros(num_seqs * rows_max, num_heads, head_dim)
+        grid[self.row_grid] = query
+        return grid.view(num_seqs, rows_max, num_heads, head_dim).transpose(1, 2)
 
     def _run_packed(self, query, kv_cache, window_key, window_value, scale: float, out) -> torch.Tensor:
         """A K_TRANSPOSED cache read block by block into one contiguous [S, Hkv, keys, D] buffer per
@@ -176,24 +185,9 @@ class TreeAttentionPlan:
         if self.window_rows.shape[1]:
             k[:, :, ctx_keys:] = window_key[self.window_rows].transpose(1, 2)
             val[:, :, ctx_keys:] = window_value[self.window_rows].transpose(1, 2)
-        if self.dense_rows:
-            grid = query.view(num_seqs, rows_max, num_heads, head_dim)
-        else:
-            grid = query.new_zeros(num_seqs * rows_max, num_heads, head_dim)
-            grid[self.row_grid] = query
-            grid = grid.view(num_seqs, rows_max, num_heads, head_dim)
-        o = F.scaled_dot_product_attention(grid.transpose(1, 2), k, val, attn_mask=self.page_mask[:, 0],
+        o = F.scaled_dot_product_attention(self._query_grid(query), k, val, attn_mask=self.page_mask[:, 0],
                                            scale=scale, enable_gqa=num_heads != kv_heads)   # [S, H, R, D]
-        result = o.transpose(1, 2).reshape(num_seqs * rows_max, num_heads, head_dim)
-        if not self.dense_rows:
-            result = result[self.row_grid]
-        if self.any_blind:
-            result = result.clone()
-            result[self.blind_rows] = 0
-        if out is None:
-            return result.contiguous()
-        out.copy_(result)
-        return out
+        return self._finish(o, out)
 
     def _gather(self, kv_cache: torch.Tensor) -> torch.Tensor:
         """[S, C + W, Hkv, 2D] from a ROWS cache: each sequence's context tokens (then filler for the
