@@ -333,9 +333,7 @@ class HTRunnerMixin:
         if st is None or st.pseudo_hidden is None or tree.num_nodes <= 1:
             return result
         pseudo = st.step.pseudo
-        starts = [0]
-        for n in st.step.q_lens:
-            starts.append(starts[-1] + n)
+        starts = st.step.row_starts
         anchor_of_row = {int(r): a for a, r in enumerate(pseudo.anchors.tolist())}
         picks = []
         for i in live:

@@ -118,6 +118,14 @@ class HTStep:
         return sum(self.q_lens)
 
     @property
+    def row_starts(self) -> list[int]:
+        """First row of each request's window, then the total: q_lens [3, 1] -> [0, 3, 4]."""
+        starts = [0]
+        for n in self.q_lens:
+            starts.append(starts[-1] + n)
+        return starts
+
+    @property
     def causal(self) -> bool:
         """Every real row sees its whole window before it: no trees, or only chains (a chain's
         ancestor mask is the causal mask), so vLLM's causal attention kernel serves the real rows."""
@@ -127,9 +135,7 @@ class HTStep:
                         positions: torch.Tensor, joins: dict[int, list[int]]) -> None:
         """anchor_rows: request index -> local rows (within its window) to anchor; positions [T] the
         real rows' positions; joins: transfer layer -> steps joining there (all steps, any depth)."""
-        starts = [0]
-        for n in self.q_lens:
-            starts.append(starts[-1] + n)
+        starts = self.row_starts
         rows, seqs = [], []
         for i in sorted(anchor_rows):
             rows += [starts[i] + r for r in anchor_rows[i]]
