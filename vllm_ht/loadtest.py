@@ -1,9 +1,13 @@
 """Load against a real OpenAI-compatible server: concurrent streaming chats, cancellations, and a
 summary. Used by the reliability tests (`tests/reliability`) and `scripts/soak.py`.
 
-Words: a *request* is one chat completion; it ends *completed* (the stream reached [DONE] or the
-JSON answer came), *cancelled* (the client closed the stream on purpose after some chunks) or
-*failed* (anything else: an HTTP error, a broken stream, a timeout).
+Words: a *request* is one chat completion; it ends
+  completed  the answer ended as a finished answer does: finish_reason `stop` or `length`, the
+             server's completion_tokens within max_tokens, no error event, and for a stream [DONE];
+  cancelled  the client closed the stream on purpose after some chunks;
+  failed     anything else, with the reason: an HTTP error, a broken stream, a timeout, an error
+             event (vLLM sends one, then [DONE], when generation fails mid-stream), another or no
+             finish_reason, a missing usage report, more tokens than asked for.
 """
 from __future__ import annotations
 
@@ -40,8 +44,27 @@ class LoadResult:
     status: str                         # "completed" | "cancelled" | "failed"
     text: str = ""
     chunks: int = 0
-    error: str | None = None
+    error: str | None = None            # why it failed (None unless status is "failed")
     seconds: float = 0.0
+    finish_reason: str | None = None    # as the server reported it
+    completion_tokens: int | None = None  # the server's usage report
+
+
+COMPLETE_REASONS = ("stop", "length")
+
+
+def failure_reason(req: LoadRequest, finish_reason: str | None, completion_tokens: int | None,
+                   error_event: str | None = None) -> str | None:
+    """Why an answer that reached its end does not count as completed; None when it does."""
+    if error_event is not None:
+        return f"error event: {error_event}"
+    if finish_reason not in COMPLETE_REASONS:
+        return f"finish_reason {finish_reason!r}, not stop or length"
+    if completion_tokens is None:
+        return "no usage report (completion_tokens)"
+    if req.max_tokens is not None and completion_tokens > req.max_tokens:
+        return f"{completion_tokens} completion tokens > max_tokens {req.max_tokens}"
+    return None
 
 
 @dataclass
@@ -52,7 +75,7 @@ class LoadSummary:
     failed: int
     seconds: float
     completion_tokens: int             # reported by the server for completed requests (usage)
-    errors: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)   # one reason per failed request
 
     def line(self) -> str:
         rate = self.completion_tokens / self.seconds if self.seconds else 0.0
@@ -74,7 +97,7 @@ def mixed_workload(prompts: list[str], count: int = 64, cancel_share: float = 0.
     return out
 
 
-async def _one(session, base: str, model: str, req: LoadRequest, timeout: float) -> tuple[LoadResult, int]:
+async def _one(session, base: str, model: str, req: LoadRequest, timeout: float) -> LoadResult:
     import aiohttp
 
     body = {"model": model, "messages": [{"role": "user", "content": req.prompt}], "max_tokens": req.max_tokens,
@@ -84,19 +107,22 @@ async def _one(session, base: str, model: str, req: LoadRequest, timeout: float)
     if req.stream:
         body["stream_options"] = {"include_usage": True}
     t0 = time.perf_counter()
-    tokens = 0
     try:
         async with session.post(f"{base}/v1/chat/completions", json=body,
                                 timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
             if resp.status != 200:
                 return LoadResult(req, "failed", error=f"HTTP {resp.status}: {(await resp.text())[:200]}",
-                                  seconds=time.perf_counter() - t0), 0
+                                  seconds=time.perf_counter() - t0)
             if not req.stream:
                 data = await resp.json()
-                tokens = data.get("usage", {}).get("completion_tokens", 0)
-                return LoadResult(req, "completed", text=data["choices"][0]["message"]["content"] or "",
-                                  seconds=time.perf_counter() - t0), tokens
+                choice = data["choices"][0]
+                finish, tokens = choice.get("finish_reason"), (data.get("usage") or {}).get("completion_tokens")
+                why = failure_reason(req, finish, tokens, _error_message(data))
+                return LoadResult(req, "failed" if why else "completed", text=choice["message"]["content"] or "",
+                                  error=why, seconds=time.perf_counter() - t0, finish_reason=finish,
+                                  completion_tokens=tokens)
             text, chunks, done = [], 0, False
+            finish, tokens, error_event = None, None, None
             async for raw in resp.content:
                 line = raw.decode().strip()
                 if not line.startswith("data:"):
@@ -106,9 +132,11 @@ async def _one(session, base: str, model: str, req: LoadRequest, timeout: float)
                     done = True
                     break
                 event = json.loads(payload)
+                error_event = _error_message(event) or error_event
                 if event.get("usage"):
-                    tokens = event["usage"].get("completion_tokens", 0)
+                    tokens = event["usage"].get("completion_tokens")
                 for choice in event.get("choices", []):
+                    finish = choice.get("finish_reason") or finish
                     piece = (choice.get("delta") or {}).get("content")
                     if piece:
                         text.append(piece)
@@ -116,13 +144,20 @@ async def _one(session, base: str, model: str, req: LoadRequest, timeout: float)
                 if req.cancel_after is not None and chunks >= req.cancel_after:
                     resp.close()      # the client goes away mid-stream
                     return LoadResult(req, "cancelled", text="".join(text), chunks=chunks,
-                                      seconds=time.perf_counter() - t0), 0
-            status = "completed" if done else "failed"
-            return LoadResult(req, status, text="".join(text), chunks=chunks,
-                              error=None if done else "stream ended without [DONE]",
-                              seconds=time.perf_counter() - t0), tokens
+                                      seconds=time.perf_counter() - t0)
+            why = failure_reason(req, finish, tokens, error_event) if done else "stream ended without [DONE]"
+            return LoadResult(req, "failed" if why else "completed", text="".join(text), chunks=chunks, error=why,
+                              seconds=time.perf_counter() - t0, finish_reason=finish, completion_tokens=tokens)
     except Exception as e:  # noqa: BLE001 - every failure is recorded, none is lost
-        return LoadResult(req, "failed", error=f"{type(e).__name__}: {e}", seconds=time.perf_counter() - t0), 0
+        return LoadResult(req, "failed", error=f"{type(e).__name__}: {e}", seconds=time.perf_counter() - t0)
+
+
+def _error_message(event: dict) -> str | None:
+    """vLLM's error body, in a stream or not: {"error": {"message": ..., "type": ..., "code": ...}}."""
+    err = event.get("error")
+    if err is None:
+        return None
+    return str(err.get("message", err)) if isinstance(err, dict) else str(err)
 
 
 async def _run(base: str, model: str, requests: list[LoadRequest], timeout: float):
@@ -135,12 +170,12 @@ async def _run(base: str, model: str, requests: list[LoadRequest], timeout: floa
 def run_load(base: str, model: str, requests: list[LoadRequest], timeout: float = 600) -> tuple[list[LoadResult], LoadSummary]:
     """Send every request at once; wait for all; summarise."""
     t0 = time.perf_counter()
-    pairs = asyncio.run(_run(base, model, requests, timeout))
+    results = asyncio.run(_run(base, model, requests, timeout))
     seconds = time.perf_counter() - t0
-    results = [r for r, _ in pairs]
     count = {s: sum(r.status == s for r in results) for s in ("completed", "cancelled", "failed")}
-    return results, LoadSummary(sent=len(requests), seconds=seconds, completion_tokens=sum(t for _, t in pairs),
-                                errors=[r.error for r in results if r.error], **count)
+    tokens = sum(r.completion_tokens or 0 for r in results if r.status == "completed")
+    return list(results), LoadSummary(sent=len(requests), seconds=seconds, completion_tokens=tokens,
+                                      errors=[r.error for r in results if r.status == "failed"], **count)
 
 
 def free_port() -> int:

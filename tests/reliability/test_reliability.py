@@ -1,9 +1,15 @@
 """The HT server under load, cancellations, context limits, KV-cache pressure and bad input
 (`pytest -m reliability`; in the default run too). Real `vllm serve` processes on 127.0.0.1, fp32
-(greedy identity with plain vLLM is exact only there), the shipped checkpoint."""
+(greedy identity with plain vLLM is exact only there), the shipped checkpoint.
+
+Nothing is lost, by the server's own account (`/metrics`, vllm_ht/server_metrics.py): after each
+test no request is running or waiting, the KV cache is empty again, every request sent reached the
+engine, none ended in error, and the ones that did not finish are ones the client cancelled. Every
+test that generates also sees drafts proposed and accepted during it: trees were in flight."""
 from __future__ import annotations
 
 import json
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -11,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from vllm_ht.loadtest import LoadRequest, Server, mixed_workload, run_load
+from vllm_ht.server_metrics import ServerCounts, scrape
 
 pytestmark = pytest.mark.reliability
 
@@ -42,6 +49,31 @@ def _texts(base: str, model: str, requests: list[LoadRequest]) -> list[str]:
     return [r.text for r in results]
 
 
+def _settled(base: str, before: ServerCounts, wait: float = 15) -> ServerCounts:
+    """What happened since `before`, once the server is idle (gauges come with the engine's steps)."""
+    deadline = time.monotonic() + wait
+    while True:
+        d = scrape(base).since(before)
+        if (d.running, d.waiting, d.kv_cache_usage) == (0, 0, 0) or time.monotonic() > deadline:
+            return d
+
+
+def _accounted(d: ServerCounts, sent: int, completed: int, cancelled: int = 0) -> None:
+    """The server's account of `sent` requests the client saw as `completed` or `cancelled`."""
+    assert (d.running, d.waiting) == (0, 0), f"requests left in the engine: {d}"
+    assert d.kv_cache_usage == 0, f"KV blocks still held: {d.kv_cache_usage:.1%}"
+    assert d.started == sent, f"{sent} sent, {d.started} reached the engine"
+    assert d.num_finished("abort", "error", "repetition") == 0, d.finished
+    finished = d.num_finished("stop", "length")
+    assert completed <= finished, f"{completed} completed for the client, {finished} finished in the engine"
+    assert sent - finished <= cancelled, f"{sent - finished} aborted in the engine, {cancelled} cancelled"
+
+
+def _drafted(d: ServerCounts) -> None:
+    assert d.drafts > 0 and d.draft_tokens > 0, "no drafts proposed: no tree was in flight"
+    assert d.accepted_tokens > 0, f"{d.draft_tokens:.0f} draft tokens proposed, none accepted"
+
+
 WORKLOAD = mixed_workload(PROMPTS, count=64, cancel_share=0.25, seed=0)
 GREEDY = sorted({(r.prompt, r.max_tokens) for r in WORKLOAD if r.temperature == 0})
 FILL = " Please answer in detail, step by step, with one concrete example for each point you make." * 2
@@ -71,37 +103,54 @@ def ht(model, tmp_path_factory):
 
 
 def test_64_concurrent_streams_with_cancellations(ht, model, plain):
+    before = scrape(ht.base)
     results, summary = run_load(ht.base, model, WORKLOAD)
     print("\n64 concurrent streaming chats:", summary.line())
     assert summary.failed == 0, summary.errors[:5]
-    assert summary.completed + summary.cancelled == len(WORKLOAD)   # none lost
     assert summary.cancelled >= 8                                   # the cancellations really happened
     greedy_done = [r for r in results if r.status == "completed" and r.request.temperature == 0]
     assert len(greedy_done) >= 16
     for r in greedy_done:
         assert r.text == plain["load"][(r.request.prompt, r.request.max_tokens)], r.request
+    greedy_cancelled = [r for r in results if r.status == "cancelled" and r.request.temperature == 0]
+    assert greedy_cancelled
+    for r in greedy_cancelled:       # what the client saw before it left is what plain vLLM says
+        assert plain["load"][(r.request.prompt, r.request.max_tokens)].startswith(r.text), r.request
     # the server is fine afterwards: a fresh greedy request still equals plain vLLM
     again = _texts(ht.base, model, [_greedy(*GREEDY[0])])
     assert again == [plain["load"][GREEDY[0]]]
+    d = _settled(ht.base, before)
+    _accounted(d, sent=len(WORKLOAD) + 1, completed=summary.completed + 1, cancelled=summary.cancelled)
+    _drafted(d)
 
 
 def test_context_end_with_trees_in_flight(ht, model, plain):
     """Prompts a few dozen tokens short of max_model_len and no max_tokens: decoding runs into the
     context end while drafts are scheduled; the scheduler cuts them and the output equals plain."""
+    before = scrape(ht.base)
     got = [_post(ht.base, {"model": model, "messages": [{"role": "user", "content": r.prompt}], "temperature": 0})
            for r in NEAR_END]
     for answer, want in zip(got, plain["near_end"]):
         assert answer["choices"][0]["message"]["content"] == want
         assert answer["choices"][0]["finish_reason"] == "length"
         assert answer["usage"]["prompt_tokens"] + answer["usage"]["completion_tokens"] == MAX_LEN
+    d = _settled(ht.base, before)
+    _accounted(d, sent=len(NEAR_END), completed=len(NEAR_END))
+    assert d.num_finished("length") == len(NEAR_END)
+    _drafted(d)
 
 
-def test_prompt_over_the_context_is_a_clear_400(ht, model):
+def test_prompt_over_the_context_is_a_clear_400(ht, model, plain):
+    before = scrape(ht.base)
     with pytest.raises(urllib.error.HTTPError) as e:
         _post(ht.base, {"model": model, "messages": [{"role": "user", "content": LONG * 2}]})
     assert e.value.code == 400
     assert "context" in e.value.read().decode().lower()
     assert ht.healthy()
+    assert _texts(ht.base, model, [_greedy(*GREEDY[0])]) == [plain["load"][GREEDY[0]]]
+    d = _settled(ht.base, before)
+    _accounted(d, sent=1, completed=1)          # the rejected prompt never reached the engine
+    _drafted(d)
 
 
 @pytest.mark.parametrize("body", [
@@ -119,10 +168,14 @@ def test_prompt_over_the_context_is_a_clear_400(ht, model):
 def test_malformed_requests_are_4xx_and_the_server_keeps_serving(ht, model, plain, body):
     if isinstance(body, dict):
         body = {"model": model, **body}
+    before = scrape(ht.base)
     with pytest.raises(urllib.error.HTTPError) as e:
         _post(ht.base, body)
     assert 400 <= e.value.code < 500, e.value.read()[:300]
     assert _texts(ht.base, model, [_greedy(*GREEDY[1])]) == [plain["load"][GREEDY[1]]]
+    d = _settled(ht.base, before)
+    _accounted(d, sent=1, completed=1)          # the bad request never reached the engine
+    _drafted(d)
 
 
 def test_kv_cache_pressure_and_preemption(model, plain, tmp_path):
@@ -130,9 +183,10 @@ def test_kv_cache_pressure_and_preemption(model, plain, tmp_path):
     greedy requests whose decoding crosses a block boundary: running requests run out of blocks,
     vLLM preempts and recomputes; every HT output still equals plain vLLM's."""
     with Server(model, COMMON + HT + ["--num-gpu-blocks-override", "5"], tmp_path / "server.log", env=KV) as s:
+        before = scrape(s.base)
         texts = _texts(s.base, model, PRESSURE)
-        metrics = urllib.request.urlopen(s.base + "/metrics", timeout=30).read().decode()
-    preempted = sum(float(line.split()[-1]) for line in metrics.splitlines()
-                    if line.startswith("vllm:num_preemptions_total"))
-    assert preempted > 0, "no preemption happened: the test did not test anything"
+        d = _settled(s.base, before)
+    assert d.preemptions > 0, "no preemption happened: the test did not test anything"
     assert texts == plain["pressure"]
+    _accounted(d, sent=len(PRESSURE), completed=len(PRESSURE))
+    _drafted(d)
