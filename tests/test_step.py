@@ -8,6 +8,7 @@ import torch
 
 from kernels import unpack_window_mask
 from kernels.cache_layout import ROWS, read_slots
+from vllm_ht import hybrid
 from vllm_ht.tree import TokenTree
 from vllm_ht.vllm import transfer
 from vllm_ht.vllm.runner import HTRunnerMixin, StepState
@@ -96,12 +97,17 @@ def _runner(**attrs):
 
 def test_scheduled_tree_follows_scheduler_cuts():
     tree = TokenTree.from_paths([[0], [1], [0, 0]])
-    fake = _runner(ht_trees={"r": (tree, [7, 8, 9], [0, 1, 3])})
-    assert HTRunnerMixin._scheduled_tree(fake, "r", [7, 8, 9]) == (tree, [0, 1, 3])
-    assert HTRunnerMixin._scheduled_tree(fake, "r", [7, 8]) == (tree.prefix(3), [0, 1])   # node 3 was cut
-    chain, anchors = HTRunnerMixin._scheduled_tree(fake, "r", [7, 5])        # not what we proposed
-    assert chain.paths == ((0,), (0, 0)) and anchors is None
-    assert HTRunnerMixin._scheduled_tree(fake, "other", [1])[0].paths == ((0,),)
+    draft = hybrid.merge(tree, [7, 8, 9], [0, 1, 3], [7, 5, 2], lookup_anchor=True)   # lookup nodes 1, 4, 5
+    assert draft.tokens == (7, 8, 9, 5, 2) and draft.lookup_nodes == (1, 4, 5) and draft.anchors == (0, 1, 3, 5)
+    fake = _runner(ht_trees={"r": draft}, ht=StepState(sched=None))
+    assert HTRunnerMixin._scheduled_tree(fake, 0, "r", [7, 8, 9, 5, 2]) == (draft.tree, [0, 1, 3, 5])
+    assert fake.ht.drafts[0] == draft
+    cut_tree, anchors = HTRunnerMixin._scheduled_tree(fake, 0, "r", [7, 8])       # nodes 3.. were cut
+    assert cut_tree == tree.prefix(3) and anchors == [0, 1]
+    assert fake.ht.drafts[0].lookup_nodes == (1,) and fake.ht.drafts[0].sources == (0, 3, 1)
+    chain, anchors = HTRunnerMixin._scheduled_tree(fake, 1, "r", [7, 5])        # not what we proposed
+    assert chain.paths == ((0,), (0, 0)) and anchors is None and 1 not in fake.ht.drafts
+    assert HTRunnerMixin._scheduled_tree(fake, 2, "other", [1])[0].paths == ((0,),)
 
 
 def test_pseudo_inputs_live_in_persistent_buffers():

@@ -70,6 +70,7 @@ def run(args) -> dict:
     runs = {}
     for batch_size in args.batch_sizes:
         before, kinds_before = spec_metrics(llm), _step_kinds(llm, args)
+        sources_before = _source_counts(llm, args)
         outputs, latencies, t1 = [], [], time.perf_counter()
         for start in range(0, len(conversations), batch_size):
             chunk = conversations[start : start + batch_size]
@@ -86,9 +87,15 @@ def run(args) -> dict:
                             "acceptance_per_depth": _depth_delta(before, after, drafts),
                             "ttft_ms": _mean([ttft for ttft, _ in latencies]),
                             "tpot_ms": _mean([tpot for _, tpot in latencies]),
-                            "step_kinds": _delta(kinds_before, _step_kinds(llm, args))}
+                            "step_kinds": _delta(kinds_before, _step_kinds(llm, args)),
+                            "sources": _sources(_delta(sources_before, _source_counts(llm, args)))}
         print(f"[offline] {args.method}: batch {batch_size} done", file=sys.stderr, flush=True)
     return {"method": args.method, "dtype": args.dtype, "startup_seconds": startup, "runs": runs}
+
+
+def _source_counts(llm, args) -> dict:
+    """Draft nodes by source so far, from the first rank (every rank verifies the same trees)."""
+    return llm.collective_rpc("ht_source_counts")[0] if args.method == "ht" else {}
 
 
 def _step_kinds(llm, args) -> dict:
@@ -100,6 +107,16 @@ def _step_kinds(llm, args) -> dict:
         for kind, n in counts.items():
             total[kind] = total.get(kind, 0) + n
     return total
+
+
+def _sources(counts: dict) -> dict:
+    """Per draft source: nodes drafted, accepted, and the accepted share."""
+    out = {}
+    for name in ("pseudo", "lookup"):
+        drafted, accepted = counts.get(name + "_drafted", 0), counts.get(name + "_accepted", 0)
+        if drafted:
+            out[name] = {"drafted": drafted, "accepted": accepted, "acceptance": accepted / drafted}
+    return out
 
 
 def _delta(before: dict, after: dict) -> dict:

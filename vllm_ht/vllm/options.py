@@ -11,6 +11,7 @@ KEY = "vllm_ht"
 # policy (vllm_ht/vllm/policy.py), which usually picks far fewer.
 DEFAULT_ROW_BUDGET = 32
 MAX_NODES = 64
+MAX_LOOKUP_NODES = 8
 CPU_CACHE_LAYOUTS = ("auto", "rows")
 
 
@@ -35,6 +36,15 @@ class HTOptions:
     # CPU KV cache layout: "auto" keeps vLLM CPU_ATTN's own packing where its ISA writes one we
     # read (then causal steps run vLLM's kernel), else "rows"; "rows" forces the plain layout.
     cpu_cache_layout: str = "auto"
+    # Draft sources (hybrid trees, vllm_ht/hybrid.py): pseudo rows, and a prompt-lookup chain (the
+    # longest lookup_min..lookup_max-token match of the request's last tokens in its prompt + output,
+    # by vLLM's n-gram matcher). lookup_nodes: fixed chain length; None -> the policy's, from the
+    # measured lookup acceptance (at most MAX_LOOKUP_NODES).
+    pseudo: bool = True
+    lookup: bool = True
+    lookup_min: int = 1
+    lookup_max: int = 3
+    lookup_nodes: int | None = None
 
     def __post_init__(self) -> None:
         if self.num_nodes is not None and not 0 <= self.num_nodes <= MAX_NODES:
@@ -44,6 +54,10 @@ class HTOptions:
         if self.row_budget < 1:
             raise ValueError(f"row_budget={self.row_budget} must be >= 1")
         self.cost_with({})                                           # validates the explicit costs
+        if not 1 <= self.lookup_min <= self.lookup_max:
+            raise ValueError(f"lookup_min={self.lookup_min}, lookup_max={self.lookup_max}: need 1 <= lookup_min <= lookup_max")
+        if self.lookup_nodes is not None and not 0 <= self.lookup_nodes <= MAX_LOOKUP_NODES:
+            raise ValueError(f"lookup_nodes={self.lookup_nodes}: choose 0..{MAX_LOOKUP_NODES} (or None for the policy's)")
         if self.cpu_cache_layout not in CPU_CACHE_LAYOUTS:
             raise ValueError(f"cpu_cache_layout={self.cpu_cache_layout!r}: choose one of {CPU_CACHE_LAYOUTS}")
 
@@ -62,8 +76,14 @@ class HTOptions:
     def max_nodes(self) -> int:
         """What vLLM must allow as num_speculative_tokens."""
         if self.num_nodes is not None:
-            return max(self.num_nodes, 1)
+            return max(self.num_nodes + self.max_lookup_nodes, 1)
         return min(MAX_NODES, max(self.row_budget - 1, 1))
+
+    @property
+    def max_lookup_nodes(self) -> int:
+        if not self.lookup:
+            return 0
+        return MAX_LOOKUP_NODES if self.lookup_nodes is None else self.lookup_nodes
 
     def max_nodes_for_batch(self, batch_size: int) -> int:
         """Largest node budget N with (N + 1) * batch_size <= row_budget (0: not even one draft)."""

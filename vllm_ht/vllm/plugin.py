@@ -20,9 +20,10 @@ def register() -> None:
     from .engine_args import HT_ARCH, add_ht_arguments, expand_namespace
 
     ModelRegistry.register_model(HT_ARCH, "vllm_ht.vllm.model:HTLlamaForCausalLM")
-    from .prometheus import register_collector
+    from .prometheus import ensure_sources_dir, register_collector
 
-    register_collector()  # derived gauges: mean accepted length, per-depth acceptance
+    ensure_sources_dir()  # per-source draft counts travel from the engine process through a folder
+    register_collector()  # derived gauges: mean accepted length, per-depth acceptance; per-source counters
     if getattr(EngineArgs, "_vllm_ht_wrapped", False):
         return
     add_cli_args = EngineArgs.add_cli_args

@@ -110,3 +110,62 @@ def best_plan(batch_size: int, accuracy: Sequence[Sequence[float]], templates: d
             if speedup > max(best.speedup, 1.0 + margin):
                 best = DraftPlan(tree=tree, anchors=anchors, speedup=speedup, tokens_per_step=tokens)
     return best
+
+
+class LookupStats:
+    """Measured acceptance of the lookup chains (hybrid trees, vllm_ht/hybrid.py), for the policy.
+
+    reached(d) = P(the accepted path follows the chain through depth d | the chain had >= d nodes),
+    with a weak prior (PRIOR_WEIGHT pseudo-observations of PRIOR[d]) so the first steps try chains
+    and measurement takes over within a few dozen verified chains."""
+    PRIOR = (0.5, 0.35, 0.25, 0.2, 0.15, 0.12, 0.1, 0.08)
+    PRIOR_WEIGHT = 4.0
+
+    def __init__(self, max_len: int = 8) -> None:
+        self.proposed = [0] * max_len      # chains with >= d nodes, d = 1..max_len
+        self.accepted = [0] * max_len      # of those, followed through depth d
+        self.tried = 0                     # requests the matcher ran for
+        self.matched = 0                   # ... and found a continuation
+
+    def record_match(self, found: bool) -> None:
+        self.tried += 1
+        self.matched += int(found)
+
+    def record(self, length: int, depth: int) -> None:
+        for d in range(min(length, len(self.proposed))):
+            self.proposed[d] += 1
+            self.accepted[d] += int(d < depth)
+
+    @property
+    def match_rate(self) -> float:
+        return (self.matched + 1.0) / (self.tried + 2.0)
+
+    def reached(self, d: int) -> float:
+        """Never above reached(d - 1): a chain cannot be followed further than it was followed."""
+        out = 1.0
+        for j in range(1, d + 1):
+            prior = self.PRIOR[min(j, len(self.PRIOR)) - 1]
+            est = (self.accepted[j - 1] + self.PRIOR_WEIGHT * prior) / (self.proposed[j - 1] + self.PRIOR_WEIGHT)
+            out = min(out, est)
+        return out
+
+
+def best_lookup_length(plan: DraftPlan, stats: LookupStats, batch_size: int, cost: StepCost,
+                       max_len: int, margin: float = 0.02) -> int:
+    """How many lookup nodes each request's tree gets at this batch size (0: none), under the same
+    cost model as the pseudo tree: the plan gives tokens/step T and cost H (in decode steps), a
+    chain of L nodes adds match_rate * sum_{d<=L} reached(d) tokens and match_rate * B * row * L
+    cost, plus the fixed HT step cost when the plan itself does not draft."""
+    plain = 1.0 + cost.plain_row * (batch_size - 1)
+    tokens = plan.tokens_per_step if plan.drafts else 1.0
+    base = tokens * plain / (plan.speedup if plan.drafts else 1.0)        # H
+    m = stats.match_rate
+    best_len, best = 0, tokens * plain / base * (1.0 if plan.drafts else 1.0 + margin)
+    gain = 0.0
+    for length in range(1, min(max_len, len(stats.proposed)) + 1):
+        gain += stats.reached(length)
+        extra = (0.0 if plan.drafts else cost.fixed) + m * batch_size * cost.row * length
+        value = (tokens + m * gain) * plain / (base + extra)
+        if value > best:
+            best_len, best = length, value
+    return best_len

@@ -15,7 +15,7 @@ import torch
 from ..tree import TokenTree, accuracy_table, likely_end_nodes, template_for_budget
 from ..calibration import calibration_path, load_costs
 from .options import HTOptions
-from .policy import DraftPlan, StepCost, best_plan, no_drafts, predicted_speedup
+from .policy import DraftPlan, LookupStats, StepCost, best_lookup_length, best_plan, no_drafts, predicted_speedup
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +27,14 @@ class HTProposer:
         self.ht_config = None
         self._plans: dict[tuple[int, int], DraftPlan] = {}   # (batch size, context bucket) -> plan
         self._anchors: dict[TokenTree, list[int]] = {}     # tree (or a scheduled prefix) -> anchor nodes
+        # the lookup source of hybrid trees: vLLM's n-gram matcher, and its measured acceptance
+        self.lookup_stats = LookupStats()
+        self.lookup = None
+        if self.options.lookup and self.options.max_lookup_nodes:
+            from .lookup import PromptLookup
+
+            self.lookup = PromptLookup(self.options.lookup_min, self.options.lookup_max,
+                                       vllm_config.model_config.max_model_len)
 
     def load_model(self, model) -> None:
         self.ht_config = getattr(model, "ht_config", None)
@@ -71,6 +79,8 @@ class HTProposer:
 
     def _make_plan(self, batch_size: int, context_tokens: float) -> DraftPlan:
         opts, cfg = self.options, self.ht_config
+        if not opts.pseudo:
+            return no_drafts()
         cap = opts.max_nodes_for_batch(batch_size)
         if opts.num_nodes is None:
             return best_plan(batch_size, self.accuracy, cfg.tree_templates, cfg.num_steps, self.cost,
@@ -82,6 +92,17 @@ class HTProposer:
         speedup, tokens = predicted_speedup(tree, anchors, self.accuracy, cfg.num_steps, batch_size, self.cost,
                                             context_tokens)
         return DraftPlan(tree=tree, anchors=anchors, speedup=speedup, tokens_per_step=tokens)
+
+    def lookup_length(self, plan: DraftPlan, batch_size: int) -> int:
+        """Lookup nodes per request this step (0: no lookup): fixed by the options, else the policy's
+        from the measured lookup acceptance, within the row budget left by the plan's tree."""
+        opts = self.options
+        if self.lookup is None:
+            return 0
+        room = max(0, opts.max_nodes_for_batch(batch_size) - (plan.tree.num_nodes - 1 if plan.drafts else 0))
+        if opts.lookup_nodes is not None:
+            return min(opts.lookup_nodes, room)
+        return best_lookup_length(plan, self.lookup_stats, max(batch_size, 1), self.cost, min(room, opts.max_lookup_nodes))
 
     def anchor_nodes(self, tree: TokenTree) -> list[int]:
         """Nodes of a scheduled tree that get pseudo rows: the plan's anchors, or for a prefix the

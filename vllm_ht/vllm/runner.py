@@ -9,7 +9,8 @@ One step, per request (DESIGN §1, in vLLM's terms):
                    request is then re-decided by `verify_tree` and its accepted nodes' K/V are
                    compacted to contiguous slots, so the scheduler's count-based rollback is right;
   propose_draft_token_ids
-                   the accepted node's pseudo rows -> top-r tokens per depth -> the next tree.
+                   the accepted node's pseudo rows -> top-r tokens per depth -> the next tree,
+                   merged with a prompt-lookup chain (a hybrid tree, vllm_ht/hybrid.py).
 Requests whose features assume a chain (penalties, logprobs, structured output, ...) get no
 drafts and decode plainly.
 """
@@ -25,9 +26,12 @@ from vllm.logger import init_logger
 
 import kernels
 
+from .. import hybrid
+from ..hybrid import Draft
 from ..tree import TokenTree
 from ..verify import SamplingParams, verify_tree
 from .attention import STEP_KEY
+from .prometheus import publish_source_counts
 from .policy import DraftPlan
 from .step import HTStep
 
@@ -65,6 +69,7 @@ class StepState:
     pseudo_hidden: torch.Tensor | None = None          # [A, D, d] final-normed pseudo states
     pseudo_top: torch.Tensor | None = None             # [A, D, r] their top-r token ids (long)
     plan: DraftPlan | None = None                      # the policy's tree and anchors for this step
+    drafts: dict[int, Draft] = field(default_factory=dict)          # request index -> its scheduled draft
     accepted: dict[int, list[int]] = field(default_factory=dict)   # request index -> accepted rows
     block_table: torch.Tensor | None = None
     cache_layout: str = kernels.ROWS
@@ -75,13 +80,14 @@ class HTRunnerMixin:
     """Mixed into GPUModelRunner / CPUModelRunner (V1). Per-step state lives in `self.ht` (StepState)."""
 
     def _ht_setup(self) -> None:
-        # req_id -> (TokenTree, draft tokens, anchor nodes) we proposed; kept across steps in which
-        # the request is not scheduled, dropped when it finishes
-        self.ht_trees: dict[str, tuple] = {}
+        # req_id -> the Draft (tree, tokens, anchors, sources) we proposed; kept across steps in
+        # which the request is not scheduled, dropped when it finishes
+        self.ht_trees: dict[str, Draft] = {}
         self.ht: StepState | None = None
         self._ht_ids = torch.zeros(0, dtype=torch.int32)     # persistent input buffers (real + pseudo rows)
         self._ht_pos = torch.zeros(0, dtype=torch.int64)
         self.ht_step_counts: Counter = Counter()      # steps by kind ("plain", "tree", "pseudo", "padded")
+        self.ht_source_counts: Counter = Counter()    # draft nodes by source: "<source>_drafted" / "_accepted"
 
     def load_model(self, *args, **kwargs):
         super().load_model(*args, **kwargs)
@@ -131,7 +137,7 @@ class HTRunnerMixin:
         for i, (req_id, n) in enumerate(zip(req_ids, q_lens)):
             drafts = so.scheduled_spec_decode_tokens.get(req_id) or []
             if drafts:
-                trees[i], planned[i] = self._scheduled_tree(req_id, drafts)
+                trees[i], planned[i] = self._scheduled_tree(i, req_id, drafts)
                 tree = trees[i]
                 positions[start + 1 : start + n] = positions[start] + tree.depths[1:].to(positions.device)
             elif batch.num_computed_tokens_cpu[i] + n >= batch.num_tokens_no_spec[i]:
@@ -150,14 +156,14 @@ class HTRunnerMixin:
                                  self.model.ht_config.joins)
         return step
 
-    def _scheduled_tree(self, req_id: str, drafts: list[int]) -> tuple[TokenTree, list[int] | None]:
+    def _scheduled_tree(self, i: int, req_id: str, drafts: list[int]) -> tuple[TokenTree, list[int] | None]:
         """The tree of a request's scheduled drafts and the anchors its plan gave it: the tree we
         proposed, cut to what the scheduler kept (it trims from the end; anchors past the cut go);
         drafts we did not propose are verified as a plain chain (anchors: None, the policy's)."""
-        tree, proposed, anchors = self.ht_trees.get(req_id, (None, None, None))
-        if tree is not None and len(drafts) < tree.num_nodes and list(drafts) == list(proposed[: len(drafts)]):
-            kept = [a for a in anchors if a <= len(drafts)]
-            return tree.prefix(len(drafts) + 1), kept or None
+        draft = self.ht_trees.get(req_id)
+        if draft is not None and len(drafts) <= len(draft.tokens) and list(drafts) == list(draft.tokens[: len(drafts)]):
+            self.ht.drafts[i] = cut = draft.prefix(len(drafts) + 1)
+            return cut.tree, list(cut.anchors) or None
         return TokenTree.from_paths([[0] * d for d in range(1, len(drafts) + 1)]), None
 
     def _input_fits_in_drafter(self, *args, **kwargs) -> bool:
@@ -259,10 +265,25 @@ class HTRunnerMixin:
             sampled, accepted = self._from_first_rank((sampled.cpu(), accepted))
             sampled = sampled.to(device)
         st.accepted = accepted
+        if verifying:
+            self._count_sources(st.drafts, accepted)
         out.sampled_token_ids = sampled
         if verifying:
             self._compact(step)
         return out
+
+    def _count_sources(self, drafts: dict[int, Draft], accepted: dict[int, list[int]]) -> None:
+        """Per-source draft and accepted nodes (Prometheus, benchmark JSON) and the lookup chains'
+        measured acceptance (the policy's lookup length)."""
+        for i, draft in drafts.items():
+            for name, (drafted, hit) in hybrid.source_counts(draft, accepted[i]).items():
+                self.ht_source_counts[name + "_drafted"] += drafted
+                self.ht_source_counts[name + "_accepted"] += hit
+            if draft.lookup_nodes:
+                self.drafter.lookup_stats.record(*hybrid.lookup_depth_accepted(draft, accepted[i]))
+        if drafts:
+            self.ht_source_counts["verified_trees"] += len(drafts)
+            publish_source_counts(self.ht_source_counts)
 
     def _compact(self, step: HTStep) -> None:
         """Move each tree request's accepted nodes' K/V to the contiguous slots after the root."""
@@ -311,43 +332,59 @@ class HTRunnerMixin:
     # ---- drafting --------------------------------------------------------------------------
     def propose_draft_token_ids(self, scheduler_output, sampled_token_ids, *args, **kwargs):
         live = [i for i, toks in enumerate(sampled_token_ids) if toks]
-        plan = self.ht.plan if self.ht is not None else None
-        tree = plan.tree if plan is not None else TokenTree.from_paths([])   # the plan _build_step used
-        result = self._from_first_rank(self._propose(sampled_token_ids, live, tree))
+        drafts = self._from_first_rank(self._propose(sampled_token_ids, live))
         for req_id in scheduler_output.finished_req_ids:
             self.ht_trees.pop(req_id, None)
-        anchors = list(plan.anchors) if plan is not None else []
-        for i, drafts in enumerate(result):
+        for i, draft in enumerate(drafts):
             req_id = self.input_batch.req_ids[i]
-            if drafts:
-                self.ht_trees[req_id] = (tree, drafts, anchors)
+            if draft is not None:
+                self.ht_trees[req_id] = draft
             else:
                 self.ht_trees.pop(req_id, None)
         self.ht = None                                                    # the step is over
+        return [list(d.tokens) if d is not None else [] for d in drafts]
+
+    def _propose(self, sampled_token_ids, live: list[int]) -> list[Draft | None]:
+        """Each live request's next tree: the pseudo tree from its accepted node's pseudo rows (if
+        that node is an anchor), merged with a prompt-lookup chain over its prompt + output."""
+        st, drafter = self.ht, self.drafter
+        result: list[Draft | None] = [None] * len(sampled_token_ids)
+        if st is None or st.plan is None:
+            return result
+        plan = st.plan                                   # the plan _build_step used
+        picks = self._pseudo_picks(live) if plan.drafts else {}
+        length = drafter.lookup_length(plan, self.input_batch.num_reqs)
+        batch = self.input_batch
+        for i in live:
+            lookup = []
+            if length and self._wants_drafts(batch.req_ids[i]):
+                lookup = drafter.lookup.propose(batch.token_ids_cpu[i, : batch.num_tokens_no_spec[i]], length)
+                drafter.lookup_stats.record_match(bool(lookup))
+            if i in picks:
+                tokens = drafter.drafts(plan.tree, sampled_token_ids[i][-1], st.pseudo_top[picks[i]])
+                draft = hybrid.merge(plan.tree, tokens, plan.anchors, lookup, lookup_anchor=True)
+            elif lookup:      # the accepted node had no pseudo rows: the chain alone (root + its end anchored)
+                draft = hybrid.lookup_only(lookup, anchors=(0, -1) if plan.drafts else ())
+            else:
+                continue
+            result[i] = draft
         return result
 
-    def _propose(self, sampled_token_ids, live: list[int], tree: TokenTree) -> list[list[int]]:
-        """Each live request's accepted node, if it is an anchor -> its pseudo rows -> the next tree."""
-        st, drafter = self.ht, self.drafter
-        result: list[list[int]] = [[] for _ in range(len(sampled_token_ids))]
-        if st is None or st.pseudo_hidden is None or tree.num_nodes <= 1:
-            return result
-        pseudo = st.step.pseudo
+    def _pseudo_picks(self, live: list[int]) -> dict[int, int]:
+        """Request index -> its pseudo-row anchor index, for the live requests whose accepted node
+        carried pseudo rows this step."""
+        st = self.ht
+        if st.pseudo_hidden is None or st.pseudo_top is None:   # no pseudo rows (or no logits) this step
+            return {}
         starts = st.step.row_starts
-        anchor_of_row = {int(r): a for a, r in enumerate(pseudo.anchors.tolist())}
-        picks = []
+        anchor_of_row = {int(r): a for a, r in enumerate(st.step.pseudo.anchors.tolist())}
+        picks = {}
         for i in live:
             node = st.accepted.get(i, [None])[-1]
             a = anchor_of_row.get(starts[i] + node) if node is not None else None
             if a is not None:
-                picks.append((i, a))
-        if not picks:
-            return result
-        if st.pseudo_top is None:        # vLLM computed no logits this step (cannot happen when sampling)
-            return result
-        for i, a in picks:
-            result[i] = drafter.drafts(tree, sampled_token_ids[i][-1], st.pseudo_top[a])
-        return result
+                picks[i] = a
+        return picks
 
     # ---- tensor parallelism: the first rank decides, every rank applies ------------------------
     def _from_first_rank(self, obj):

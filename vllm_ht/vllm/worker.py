@@ -35,6 +35,10 @@ class HTCPUWorker(CPUWorker):
         """HT steps by kind so far (collective_rpc("ht_step_counts")): plain, tree, pseudo, tree+pseudo, padded."""
         return dict(self.model_runner.ht_step_counts)
 
+    def ht_source_counts(self) -> dict:
+        """Draft nodes by source so far (collective_rpc("ht_source_counts")): pseudo/lookup _drafted/_accepted."""
+        return dict(self.model_runner.ht_source_counts)
+
     def init_device(self):
         # CPUWorker builds its runner inline from the module global: swap the class in for that call
         with patch.object(cpu_worker, "CPUModelRunner", HTCPUModelRunner):
