@@ -41,6 +41,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 # run as a script, the benchmarks package is found through REPO
+from benchmarks.categories import category_rows, category_table  # noqa: E402
 from benchmarks.report import plot, table  # noqa: E402
 from benchmarks.stats import (  # noqa: E402
     AA, MIN_TOKENS, VERDICT_RULE, aggregate, cycle_labels, round_cells, round_order, short_cells)
@@ -48,12 +49,13 @@ from vllm_ht.runtime import preload_env  # noqa: E402  (vLLM's CPU runtime, the 
 
 DEFAULT_PROMPTS = REPO / "benchmarks" / "prompts.jsonl"
 DEFAULT_CHECKPOINT = REPO / "checkpoints" / "smollm2-135m-instruct"
-METHODS = ("plain", "ngram", "ht")
+METHODS = ("plain", "ngram", "ht", "ht-pseudo")      # ht: hybrid trees (pseudo rows + prompt lookup)
+DEFAULT_METHODS = ("plain", "ngram", "ht")
 
 
 def engine_command(args, label: str, out: Path) -> list[str]:
     """The offline engine's command line for one label (plain-A/A runs plain)."""
-    method = "plain" if label == AA else label
+    method = "plain" if label == AA else "ht" if label == "ht-pseudo" else label
     cmd = [sys.executable, "-m", "vllm_ht.vllm.offline", "--method", method, "--model", args.model,
            "--prompts", args.prompts, "--limit", str(args.num_prompts), "--max-tokens", str(args.max_tokens),
            "--dtype", args.dtype, "--batch-sizes", ",".join(map(str, args.batch_sizes)),
@@ -67,6 +69,8 @@ def engine_command(args, label: str, out: Path) -> list[str]:
             cmd += ["--checkpoint", args.checkpoint]
         if args.ht_num_nodes is not None:
             cmd += ["--num-nodes", str(args.ht_num_nodes)]
+        if label == "ht-pseudo":                      # HT alone: pseudo-row drafts, no lookup branch
+            cmd += ["--ht-options", json.dumps({"lookup": False})]
     return cmd
 
 
@@ -120,8 +124,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-sizes", type=lambda v: [int(x) for x in v.split(",")], default=[1, 2, 4, 8, 16, 32])
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    p.add_argument("--methods", type=lambda v: v.split(","), default=list(METHODS),
-                   help="plain and its A/A control always run; list the others (default: all)")
+    p.add_argument("--methods", type=lambda v: v.split(","), default=list(DEFAULT_METHODS),
+                   help="plain and its A/A control always run; list the others: ngram, ht (hybrid trees), "
+                        "ht-pseudo (HT without the lookup branch) (default: plain,ngram,ht)")
     p.add_argument("--rounds", type=int, default=3, help="rounds of one fresh engine per label (>= 2 for a verdict)")
     p.add_argument("--ht-num-nodes", type=int, help="fixed HT tree size (default: the per-batch policy)")
     p.add_argument("--ignore-eos", action="store_true", help="always generate --max-tokens tokens")
@@ -161,7 +166,7 @@ def main(argv=None) -> None:
     if args.rounds < 2:
         print("throughput: one round gives no verdict (no spread to compare)", file=sys.stderr)
     labels = cycle_labels(args.methods)
-    orders, cells = [], []  # per round: the engine order; all rounds: the cells
+    orders, cells, per_round = [], [], []  # per round: the engine order, its JSONs; all rounds: the cells
     with tempfile.TemporaryDirectory(prefix="vllm-ht-bench-") as tmp, \
             tqdm(total=args.rounds * len(labels) * len(args.batch_sizes), desc="benchmark", unit="run") as bar:
         for r in range(args.rounds):
@@ -170,6 +175,7 @@ def main(argv=None) -> None:
                 bar.set_postfix_str(f"round {r + 1}/{args.rounds} {label}")
                 results[label] = run_method(args, label, r, Path(tmp), bar)
             orders.append(order)
+            per_round.append(results)
             cells += round_cells(r, order, results, args.batch_sizes)
     for label, bs, tokens in short_cells(cells):
         print(f"throughput: warning: {label} at batch {bs} measured {tokens} output tokens in a round "
@@ -180,7 +186,11 @@ def main(argv=None) -> None:
     meta = environment(args)
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({**meta, "rows": rows, "rounds": rounds}, indent=1))
+    categories = category_rows(per_round)
+    sources = {label: res["runs"] for label, res in per_round[-1].items() if label.startswith("ht")}
+    sources = {label: {bs: run.get("sources") for bs, run in runs.items()} for label, runs in sources.items()}
+    out.write_text(json.dumps({**meta, "rows": rows, "categories": categories, "sources": sources,
+                               "rounds": rounds}, indent=1))
     png = out.with_suffix(".png")
     plot(rows, [asdict(c) for c in cells], meta, png)
     hw = meta["hardware"]
@@ -189,6 +199,14 @@ def main(argv=None) -> None:
           f"commit {meta['git_commit']}")
     print(table(rows))
     print(f"verdict: {VERDICT_RULE}")
+    if categories:
+        print("\nper category, batch 1 (speedup: median over rounds of tokens/s vs the same round's plain)")
+        print(category_table(categories))
+    for label, per_bs in sources.items():
+        for bs, src in per_bs.items():
+            if src:
+                parts = ", ".join(f"{k} {v['accepted']}/{v['drafted']} ({v['acceptance']:.0%})" for k, v in src.items())
+                print(f"{label} batch {bs} draft nodes accepted by source (last round): {parts}")
     print(f"\nwrote {out} and {png}")
 
 

@@ -154,3 +154,25 @@ def test_the_control_engine_runs_plain():
     assert cmd[cmd.index("--method") + 1] == "plain" and "--checkpoint" not in cmd
     cmd = engine_command(args, "ht", Path("out.json"))
     assert cmd[cmd.index("--method") + 1] == "ht" and "--checkpoint" in cmd
+
+
+def test_category_rows_attribute_single_request_chunks_only():
+    from benchmarks.categories import category_rows
+
+    def engine(seconds, drafts, accepted):      # two prompts: a (10 tokens) and b (20 tokens); batch 2 mixes them
+        chunks = [{"start": 0, "size": 1, "seconds": seconds[0], "output_tokens": 10, "num_drafts": drafts[0],
+                   "num_accepted": accepted[0]},
+                  {"start": 1, "size": 1, "seconds": seconds[1], "output_tokens": 20, "num_drafts": drafts[1],
+                   "num_accepted": accepted[1]}]
+        mixed = [{"start": 0, "size": 2, "seconds": 9.0, "output_tokens": 30, "num_drafts": 0, "num_accepted": 0}]
+        return {"categories": ["a", "b"], "runs": {"1": {"chunks": chunks}, "2": {"chunks": mixed}}}
+
+    rounds = [{"plain": engine([1.0, 2.0], [0, 0], [0, 0]), "ht": engine([0.5, 2.0], [4, 10], [4, 2])},
+              {"plain": engine([1.0, 2.0], [0, 0], [0, 0]), "ht": engine([0.25, 4.0], [4, 10], [4, 2])}]
+    rows = {(r["method"], r["category"]): r for r in category_rows(rounds)}
+    assert rows[("ht", "a")]["speedup_per_round"] == [2.0, 4.0] and rows[("ht", "a")]["speedup"] == 3.0
+    assert rows[("ht", "b")]["speedup_per_round"] == [1.0, 0.5]
+    assert rows[("ht", "a")]["mean_accepted_length"] == 2.0            # 1 + 8 / 8
+    assert rows[("ht", "b")]["mean_accepted_length"] == 1.2            # 1 + 4 / 20
+    assert rows[("plain", "a")]["mean_accepted_length"] is None
+    assert rows[("ht", "a")]["output_tokens"] == 20                    # the batch-2 chunk is not attributed

@@ -26,3 +26,17 @@ def load_prompts(path: str | Path, limit: int | None = None, turns: str = "first
     if not out:
         raise ValueError(f"{path} holds no prompts")
     return out
+
+
+def load_categories(path: str | Path, limit: int | None = None) -> list[str | None]:
+    """Each prompt's category (its "category" or "kind" field, None if it has none), in
+    load_prompts' order (first turns)."""
+    out: list[str | None] = []
+    for line in Path(path).read_text().splitlines():
+        if not line.strip():
+            continue
+        row = json.loads(line)
+        out.append(row.get("category") or row.get("kind"))
+        if limit is not None and len(out) >= limit:
+            break
+    return out

@@ -72,11 +72,18 @@ def run(args) -> dict:
         before, kinds_before = spec_metrics(llm), _step_kinds(llm, args)
         sources_before = _source_counts(llm, args)
         outputs, latencies, t1 = [], [], time.perf_counter()
+        chunks = []          # per llm.chat call: its prompts, time, tokens and drafts (per-category views)
         for start in range(0, len(conversations), batch_size):
             chunk = conversations[start : start + batch_size]
+            c0, m0 = time.perf_counter(), spec_metrics(llm)
             outs = llm.chat(chunk, [params(start + i) for i in range(len(chunk))], use_tqdm=False)
+            m1 = spec_metrics(llm)
             outputs += [list(o.outputs[0].token_ids) for o in outs]
             latencies += [_latency(o) for o in outs]
+            chunks.append({"start": start, "size": len(chunk), "seconds": time.perf_counter() - c0,
+                           "output_tokens": sum(len(o.outputs[0].token_ids) for o in outs),
+                           "num_drafts": (m1["num_drafts"] or 0) - (m0["num_drafts"] or 0),
+                           "num_accepted": (m1["num_accepted"] or 0) - (m0["num_accepted"] or 0)})
         seconds = time.perf_counter() - t1
         after = spec_metrics(llm)
         drafts = (after["num_drafts"] or 0) - (before["num_drafts"] or 0)
@@ -88,9 +95,17 @@ def run(args) -> dict:
                             "ttft_ms": _mean([ttft for ttft, _ in latencies]),
                             "tpot_ms": _mean([tpot for _, tpot in latencies]),
                             "step_kinds": _delta(kinds_before, _step_kinds(llm, args)),
-                            "sources": _sources(_delta(sources_before, _source_counts(llm, args)))}
+                            "sources": _sources(_delta(sources_before, _source_counts(llm, args))),
+                            "chunks": chunks}
         print(f"[offline] {args.method}: batch {batch_size} done", file=sys.stderr, flush=True)
-    return {"method": args.method, "dtype": args.dtype, "startup_seconds": startup, "runs": runs}
+    return {"method": args.method, "dtype": args.dtype, "startup_seconds": startup, "runs": runs,
+            "categories": _categories(args, len(prompts))}
+
+
+def _categories(args, count: int) -> list:
+    from ..prompts import load_categories
+
+    return [None] * count if args.repeat else load_categories(args.prompts, count)
 
 
 def _source_counts(llm, args) -> dict:
@@ -112,7 +127,7 @@ def _step_kinds(llm, args) -> dict:
 def _sources(counts: dict) -> dict:
     """Per draft source: nodes drafted, accepted, and the accepted share."""
     out = {}
-    for name in ("pseudo", "lookup"):
+    for name in ("pseudo", "lookup", "both"):
         drafted, accepted = counts.get(name + "_drafted", 0), counts.get(name + "_accepted", 0)
         if drafted:
             out[name] = {"drafted": drafted, "accepted": accepted, "acceptance": accepted / drafted}
