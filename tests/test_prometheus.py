@@ -40,3 +40,23 @@ def test_registering_does_not_deadlock():
     t.join(10)
     assert not t.is_alive()
     REGISTRY.unregister(collector)
+
+
+def test_per_source_counts_travel_from_engine_processes(tmp_path, monkeypatch):
+    """Workers (other processes) publish their per-source counts to the folder; the collector sums
+    them at scrape time as counters with a source label."""
+    import json
+
+    from vllm_ht.vllm import prometheus
+
+    monkeypatch.setenv(prometheus.SOURCES_ENV, str(tmp_path))
+    prometheus.publish_source_counts({"pseudo_drafted": 10, "pseudo_accepted": 3, "lookup_drafted": 4,
+                                      "lookup_accepted": 4})
+    (tmp_path / "99999.json").write_text(json.dumps({"lookup_drafted": 6, "lookup_accepted": 1}))   # a 2nd worker
+    (tmp_path / "broken.json").write_text("{")                   # half-written by someone else: skipped
+    families = {f.name: f for f in HTAcceptanceCollector().collect()}
+    drafted = {s.labels["source"]: s.value for s in families["vllm:ht_draft_nodes"].samples}
+    accepted = {s.labels["source"]: s.value for s in families["vllm:ht_accepted_nodes"].samples}
+    assert drafted == {"pseudo": 10, "lookup": 10} and accepted == {"pseudo": 3, "lookup": 5}
+    prometheus.publish_source_counts({"pseudo_drafted": 11, "pseudo_accepted": 3})   # replaced, not appended
+    assert prometheus.read_source_counts()["pseudo_drafted"] == 11
