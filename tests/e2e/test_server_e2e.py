@@ -179,3 +179,28 @@ def test_metrics_report_drafts_and_acceptance(server):
     assert tau and float(tau[0].split()[-1]) > 1.0
     depth1 = [line for line in text.splitlines() if line.startswith("vllm:ht_acceptance_per_depth") and 'depth="1"' in line]
     assert depth1 and 0 < float(depth1[0].split()[-1]) <= 1
+
+
+COPY_PROMPT = ("Repeat the following sentence exactly, word for word: The old lighthouse keeper climbed the "
+               "spiral stairs every evening to light the great lamp above the harbor.")
+
+
+def test_metrics_count_drafts_per_source(server):
+    """Hybrid trees (on by default): /metrics counts draft nodes per source; a request that copies
+    its prompt gets lookup drafts accepted (the counters move during it)."""
+    from vllm_ht.server_metrics import parse
+
+    base, model = server
+
+    def lookup_counts():
+        m = parse(urllib.request.urlopen(base + "/metrics", timeout=30).read().decode())
+        drafted = {lab["source"]: v for lab, v in m.get("vllm:ht_draft_nodes_total", [])}
+        accepted = {lab["source"]: v for lab, v in m.get("vllm:ht_accepted_nodes_total", [])}
+        return drafted, accepted
+
+    drafted0, accepted0 = lookup_counts()
+    assert set(drafted0) == {"pseudo", "lookup"} and drafted0["pseudo"] > 0     # earlier tests' requests
+    _chat(base, model, COPY_PROMPT)
+    drafted1, accepted1 = lookup_counts()
+    assert drafted1["lookup"] > drafted0["lookup"] and accepted1["lookup"] > accepted0["lookup"], (drafted1, accepted1)
+    assert all(accepted1[k] <= drafted1[k] for k in drafted1)

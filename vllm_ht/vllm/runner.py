@@ -283,7 +283,9 @@ class HTRunnerMixin:
                 self.drafter.lookup_stats.record(*hybrid.lookup_depth_accepted(draft, accepted[i]))
         if drafts:
             self.ht_source_counts["verified_trees"] += len(drafts)
-            publish_source_counts(self.ht_source_counts)
+            group = self._ht_tp_group
+            if group is None or group.rank_in_group == 0:       # every rank verifies the same trees
+                publish_source_counts(self.ht_source_counts)
 
     def _compact(self, step: HTStep) -> None:
         """Move each tree request's accepted nodes' K/V to the contiguous slots after the root."""
