@@ -12,7 +12,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["vllm_ht", "vllm_ht.*", "kernels", "kernels.*"]),
+    packages=find_packages(include=["vllm_ht", "vllm_ht.*"]),
     install_requires=[
         "torch>=2.13.0",
         # vllm 0.32 pins this range; the reference engine follows it so one venv serves both

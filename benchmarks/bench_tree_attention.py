@@ -21,8 +21,8 @@ import time
 import torch
 import torch.nn.functional as nnf
 
-from kernels.reference import tree_paged_attention_ref
-from kernels.testing import make_problem
+from vllm_ht.kernels.reference import tree_paged_attention_ref
+from vllm_ht.kernels.testing import make_problem
 
 PSEUDO_STEPS = 3
 
@@ -103,7 +103,7 @@ def bench_one(args, device, batch, context, nodes) -> dict:
     out = torch.empty_like(p.query)
     result["ref_ms"] = time_ms(lambda: tree_paged_attention_ref(*p.args(), out), device, args.ref_iters)
     if device.type == "cuda":
-        from kernels.tree_attention import tree_paged_attention
+        from vllm_ht.kernels.tree_attention import tree_paged_attention
         result["triton_ms"] = time_ms(lambda: tree_paged_attention(*p.args(), out), device, args.iters)
         k, v, mask = dense_inputs(p)
         q = p.query.view(batch, rows, args.heads, args.head_dim).transpose(1, 2)

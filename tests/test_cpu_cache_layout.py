@@ -4,8 +4,8 @@ import pytest
 import torch
 from vllm import _custom_ops as ops
 
-from kernels.cache_layout import K_TRANSPOSED, ROWS, read_slots
-from kernels.tree_attention_cpu import TreeAttentionPlan
+from vllm_ht.kernels.cache_layout import K_TRANSPOSED, ROWS, read_slots
+from vllm_ht.kernels.tree_attention_cpu import TreeAttentionPlan
 from vllm_ht.vllm.attention import _native_halves, native_cache_layout, write_kv
 from vllm_ht.vllm.step import causal_blocks, pack_blocks
 

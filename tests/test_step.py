@@ -6,8 +6,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from kernels import unpack_window_mask
-from kernels.cache_layout import ROWS, read_slots
+from vllm_ht.kernels import unpack_window_mask
+from vllm_ht.kernels.cache_layout import ROWS, read_slots
 from vllm_ht import hybrid
 from vllm_ht.tree import TokenTree
 from vllm_ht.vllm import transfer

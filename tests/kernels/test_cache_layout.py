@@ -3,11 +3,11 @@ gathers, and the CPU attention plan and compaction reading it, against the ROWS 
 import pytest
 import torch
 
-from kernels.cache_layout import (K_TRANSPOSED, ROWS, check_layout, gather_pages, read_slots, to_layout,
-                                  write_slots)
-from kernels.reference import kv_compact_ref, tree_paged_attention_ref
-from kernels.testing import TOLERANCES, make_problem, start_loc
-from kernels.tree_attention_cpu import TreeAttentionPlan
+from vllm_ht.kernels.cache_layout import (K_TRANSPOSED, ROWS, check_layout, gather_pages, read_slots,
+                                          to_layout, write_slots)
+from vllm_ht.kernels.reference import kv_compact_ref, tree_paged_attention_ref
+from vllm_ht.kernels.testing import TOLERANCES, make_problem, start_loc
+from vllm_ht.kernels.tree_attention_cpu import TreeAttentionPlan
 
 
 def test_memory_matches_the_documented_example():

@@ -5,9 +5,9 @@ Copies are exact, so results are compared with torch.equal.
 import pytest
 import torch
 
-from kernels.kv_compact import _layer_stride, kv_compact
-from kernels.reference import kv_compact_ref
-from kernels.testing import start_loc
+from vllm_ht.kernels.kv_compact import _layer_stride, kv_compact
+from vllm_ht.kernels.reference import kv_compact_ref
+from vllm_ht.kernels.testing import start_loc
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 IMPLS = pytest.mark.parametrize("impl", [kv_compact, kv_compact_ref], ids=["triton", "ref"])

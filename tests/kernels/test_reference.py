@@ -3,12 +3,12 @@
 import pytest
 import torch
 
-import kernels
-from kernels.reference import kv_compact_ref, tree_paged_attention_ref
-from kernels.testing import TOLERANCES, make_problem
-from kernels.tree_attention import tree_paged_attention
-from kernels.tree_attention_cpu import tree_paged_attention_cpu
-from kernels.window_mask import unpack_window_mask
+from vllm_ht import kernels
+from vllm_ht.kernels.reference import kv_compact_ref, tree_paged_attention_ref
+from vllm_ht.kernels.testing import TOLERANCES, make_problem
+from vllm_ht.kernels.tree_attention import tree_paged_attention
+from vllm_ht.kernels.tree_attention_cpu import tree_paged_attention_cpu
+from vllm_ht.kernels.window_mask import unpack_window_mask
 
 IMPLS = pytest.mark.parametrize("impl", [tree_paged_attention, tree_paged_attention_ref, tree_paged_attention_cpu],
                                 ids=["triton", "ref", "cpu"])

@@ -7,9 +7,9 @@ fails to write shows. Tolerances: kernels.testing.TOLERANCES.
 import pytest
 import torch
 
-from kernels.reference import tree_paged_attention_ref
-from kernels.testing import TOLERANCES, make_problem
-from kernels.tree_attention import tree_paged_attention
+from vllm_ht.kernels.reference import tree_paged_attention_ref
+from vllm_ht.kernels.testing import TOLERANCES, make_problem
+from vllm_ht.kernels.tree_attention import tree_paged_attention
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 T, F = True, False

@@ -1,11 +1,11 @@
-"""The planned CPU path (`kernels.tree_attention_cpu`) against the torch reference: awkward shapes,
+"""The planned CPU path (`vllm_ht.kernels.tree_attention_cpu`) against the torch reference: awkward shapes,
 dtypes, layouts, rows that see nothing, and one plan reused across layers."""
 import pytest
 import torch
 
-from kernels.reference import tree_paged_attention_ref
-from kernels.testing import TOLERANCES, make_problem
-from kernels.tree_attention_cpu import TreeAttentionPlan, tree_paged_attention_cpu
+from vllm_ht.kernels.reference import tree_paged_attention_ref
+from vllm_ht.kernels.testing import TOLERANCES, make_problem
+from vllm_ht.kernels.tree_attention_cpu import TreeAttentionPlan, tree_paged_attention_cpu
 
 SHAPES = [
     pytest.param([1], [0], None, id="one-row-no-context"),

@@ -8,10 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as nnf
 
-from kernels.reference import tree_paged_attention_ref
-from kernels.tree_attention_cpu import tree_paged_attention_cpu
-from kernels.testing import TOLERANCES, make_problem
-from kernels.tree_attention import tree_paged_attention
+from vllm_ht.kernels.reference import tree_paged_attention_ref
+from vllm_ht.kernels.tree_attention_cpu import tree_paged_attention_cpu
+from vllm_ht.kernels.testing import TOLERANCES, make_problem
+from vllm_ht.kernels.tree_attention import tree_paged_attention
 
 
 def bool_rows(rows: list[str]) -> torch.Tensor:

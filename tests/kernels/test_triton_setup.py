@@ -1,5 +1,5 @@
 """How the package switches Triton to its interpreter on a CPU-only machine (fresh processes,
-since the switch happens once per process; see kernels/_triton.py)."""
+since the switch happens once per process; see vllm_ht/kernels/_triton.py)."""
 import os
 import subprocess
 import sys
@@ -13,11 +13,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 RUN_KERNEL = """
 import os, sys
-import kernels
-assert "triton" not in sys.modules, "import kernels must not import triton"
-from kernels import tree_attention
+from vllm_ht import kernels
+assert "triton" not in sys.modules, "importing vllm_ht.kernels must not import triton"
+from vllm_ht.kernels import tree_attention
 assert os.environ["TRITON_INTERPRET"] == "1"
-from kernels.testing import make_problem
+from vllm_ht.kernels.testing import make_problem
 p = make_problem([2], [5])
 out = tree_attention.tree_paged_attention(*p.args())
 assert not out.isnan().any()
@@ -38,6 +38,6 @@ def test_kernels_run_without_triton_interpret_in_the_environment():
 
 
 def test_triton_imported_first_gives_a_clear_error():
-    result = run_python("import triton\nimport kernels.tree_attention")
+    result = run_python("import triton\nimport vllm_ht.kernels.tree_attention")
     assert result.returncode != 0
     assert "set TRITON_INTERPRET=1 before anything imports triton" in result.stderr

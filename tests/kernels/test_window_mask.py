@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from kernels.window_mask import num_mask_words, pack_window_mask, unpack_window_mask
+from vllm_ht.kernels.window_mask import num_mask_words, pack_window_mask, unpack_window_mask
 
 T, F = True, False
 

@@ -1,7 +1,7 @@
 """The HT attention backend: one attention op for every row kind, over one of two KV layouts.
 
 KV layout, per layer the logical view [num_blocks, num_kv_heads, block_size, 2 * head_size]
-(`kernels.cache_layout` says what the memory means):
+(`vllm_ht.kernels.cache_layout` says what the memory means):
   - K_TRANSPOSED, vLLM CPU_ATTN's own packing, on CPUs whose attention ISA writes it ("vec",
     "vec16"; checked by a probe write at start-up, `cpu_cache_layout`; where vLLM's ISA packs
     otherwise, e.g. AMX tiles for bf16, HT runs the "vec" kernel instead). Real rows of a step
@@ -12,8 +12,8 @@ KV layout, per layer the logical view [num_blocks, num_kv_heads, block_size, 2 *
     as one row copy per token.
 
 Every row attends to (a) its request's cached context (tokens before this step) and (b) this
-step's window under a bitmask (`kernels.tree_paged_attention`, Triton, on CUDA; on the CPU a
-`kernels.TreeAttentionPlan` built on the step's first layer and reused by the others). Plain
+step's window under a bitmask (`vllm_ht.kernels.tree_paged_attention`, Triton, on CUDA; on the CPU a
+`vllm_ht.kernels.TreeAttentionPlan` built on the step's first layer and reused by the others). Plain
 requests get a causal window; tree requests the tree mask from the runner's HTStep; pseudo rows
 (step.py) the anchor's mask plus their own group.
 """
@@ -31,8 +31,8 @@ from vllm.v1.attention.backends.cpu_attn import (CPUAttentionBackend, CPUAttenti
                                                  CPUAttentionMetadataBuilder, _get_attn_isa)
 from vllm.v1.kv_cache_layout import KVCacheLayout
 
-import kernels
-from kernels.cache_layout import K_TRANSPOSED, ROWS, write_slots
+from vllm_ht import kernels
+from vllm_ht.kernels.cache_layout import K_TRANSPOSED, ROWS, write_slots
 
 from .step import HTStep, PseudoRows, causal_blocks, pack_blocks
 
@@ -60,7 +60,7 @@ class HTAttentionMetadata:
     # CPU attention plans of this step, by row set ("real", "pseudo<join>", "joint<join>"); one metadata object serves
     # every layer of the step, so layer 0 builds a plan and the others reuse it.
     plans: dict = field(default_factory=dict)
-    cache_layout: str = ROWS        # kernels.cache_layout
+    cache_layout: str = ROWS        # vllm_ht.kernels.cache_layout
     isa: str | None = None          # CPU_ATTN's ISA (K_TRANSPOSED caches): writes use its op
     native: CPUAttentionMetadata | None = None   # vLLM's own metadata: causal steps run its kernel
 
@@ -229,7 +229,7 @@ def _native_halves(kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def native_cache_layout(isa: str, dtype: torch.dtype, block_size: int, head_size: int) -> str:
     """K_TRANSPOSED when CPU_ATTN's cache writer for `isa` packs K/V exactly that way, else ROWS.
 
-    Checked, not assumed: random K/V go through vLLM's writer and through `kernels.cache_layout`'s,
+    Checked, not assumed: random K/V go through vLLM's writer and through `vllm_ht.kernels.cache_layout`'s,
     and the two caches must be bit-identical (so an ISA that packs otherwise, e.g. AMX tiles, or a
     future vLLM that changes the packing, falls back to the ROWS layout instead of misreading)."""
     gen = torch.Generator().manual_seed(0)

@@ -24,7 +24,7 @@ import torch
 from vllm.forward_context import get_forward_context
 from vllm.logger import init_logger
 
-import kernels
+from vllm_ht import kernels
 
 from .. import hybrid
 from ..hybrid import Draft

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels import pack_window_mask
+from vllm_ht.kernels import pack_window_mask
 
 from ..tree import TokenTree
 

@@ -1,6 +1,6 @@
 """Packed per-row window masks: which of this step's window keys each query row may see.
 
-Glossary (shared by every module in `kernels/`):
+Glossary (shared by every module in `vllm_ht/kernels/`):
 - row: one query vector per head; the rows of sequence b are `query[qsl[b]:qsl[b+1]]`.
 - context: the sequence's cached tokens, positions 0..ctx-1, read through the block table;
   every row of the sequence sees all of them.

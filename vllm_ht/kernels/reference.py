@@ -1,7 +1,8 @@
 """Pure-torch tree-masked paged attention and KV compaction: the CPU path and the test oracle.
 
-Same signatures and semantics as `kernels.tree_attention.tree_paged_attention` and
-`kernels.kv_compact.kv_compact`; see those docstrings (and `kernels.window_mask` for the glossary).
+Same signatures and semantics as `vllm_ht.kernels.tree_attention.tree_paged_attention` and
+`vllm_ht.kernels.kv_compact.kv_compact`; see those docstrings (and `vllm_ht.kernels.window_mask` for the
+glossary).
 Vectorised per sequence: one Python iteration per sequence, none per row or per layer-head.
 Math runs in fp32 whatever the input dtype; the result is cast back to the query dtype.
 """
@@ -9,9 +10,9 @@ from collections.abc import Sequence
 
 import torch
 
-from kernels._checks import check_kv_compact_args, check_tree_attention_args
-from kernels.cache_layout import ROWS, check_layout, read_slots, write_slots
-from kernels.window_mask import unpack_window_mask
+from vllm_ht.kernels._checks import check_kv_compact_args, check_tree_attention_args
+from vllm_ht.kernels.cache_layout import ROWS, check_layout, read_slots, write_slots
+from vllm_ht.kernels.window_mask import unpack_window_mask
 
 
 def tree_paged_attention_ref(
@@ -67,12 +68,12 @@ def kv_compact_ref(
     src_positions: torch.Tensor,        # [num_moves] int32
     dst_positions: torch.Tensor,        # [num_moves] int32
     move_start_loc: torch.Tensor,       # [num_seqs+1] int32
-    cache_layout: str = ROWS,           # kernels.cache_layout: what the caches' memory means
+    cache_layout: str = ROWS,           # vllm_ht.kernels.cache_layout: what the caches' memory means
 ) -> None:
     """Torch version of `kv_compact`: gathers every source slot, then scatters (one op per layer).
 
     Gather-then-scatter gives the same result as the kernel's in-order copy because src >= dst
-    and both ascend within a sequence (see kernels/kv_compact.py). Unlike the kernel it also
+    and both ascend within a sequence (see vllm_ht/kernels/kv_compact.py). Unlike the kernel it also
     reads and writes the K_TRANSPOSED layout (vLLM's CPU cache).
     """
     check_kv_compact_args(kv_caches, block_table, src_positions, dst_positions, move_start_loc)

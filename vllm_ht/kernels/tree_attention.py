@@ -5,7 +5,7 @@ query row attends to (a) its sequence's cached context in vLLM 0.32's paged layo
 (b) this step's window keys under a per-row bitmask (tree ancestors and itself; a pseudo group).
 Online softmax as in Triton's fused-attention tutorial (06-fused-attention.py) and FlashAttention-2;
 long contexts split across programs and merged by log-sum-exp as in flash-decoding.
-Glossary and the bitmask layout: `kernels.window_mask`. Torch twin: `kernels.reference`.
+Glossary and the bitmask layout: `vllm_ht.kernels.window_mask`. Torch twin: `vllm_ht.kernels.reference`.
 
 Program layout: axis 0 = a q-block: BLOCK_Q = BLOCK_M // GROUP rows of one sequence times the
 GROUP query heads that share one KV head, so each K/V tile is loaded once for all of them (as in
@@ -16,8 +16,8 @@ import logging
 
 import torch
 
-from kernels._checks import check_tree_attention_args
-from kernels._triton import interpreting, tl, triton
+from vllm_ht.kernels._checks import check_tree_attention_args
+from vllm_ht.kernels._triton import interpreting, tl, triton
 
 logger = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ triton was already imported without it on a CPU-only machine, importing a kernel
 Fix that by setting `TRITON_INTERPRET=1` before the process imports triton (e.g. in a conftest).
 
 NOTE: the switch is process-wide, so it is flipped only when a Triton kernel module is imported.
-`import kernels` and the CPU path (`kernels.reference`) never import triton, so a vLLM CPU
+`import kernels` and the CPU path (`vllm_ht.kernels.reference`) never import triton, so a vLLM CPU
 worker that uses the torch reference keeps its own Triton settings.
 """
 import logging

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.window_mask import BITS_PER_WORD
+from vllm_ht.kernels.window_mask import BITS_PER_WORD
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -139,7 +139,7 @@ def _check_block_refs(block_table, last_pos, num_blocks, block_size, what):
 
 def check_kv_compact_args(kv_caches: Sequence[torch.Tensor], block_table, src_positions, dst_positions,
                           move_start_loc) -> None:
-    """Validate `kv_compact` arguments (see kernels/kv_compact.py for their meaning)."""
+    """Validate `kv_compact` arguments (see vllm_ht/kernels/kv_compact.py for their meaning)."""
     if len(kv_caches) == 0:
         _fail("kv_caches is empty")
     first = kv_caches[0]

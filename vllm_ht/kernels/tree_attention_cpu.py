@@ -1,9 +1,9 @@
 """Tree-masked paged attention on the CPU: planned once per step, run once per layer.
 
-The torch reference (`kernels.reference`) loops over sequences and validates every index on every
+The torch reference (`vllm_ht.kernels.reference`) loops over sequences and validates every index on every
 call: right for an oracle, slow for an engine that calls it once per layer with the same indices.
-A plan does the index work once (arguments and glossary as in `kernels.tree_attention` and
-`kernels.window_mask`):
+A plan does the index work once (arguments and glossary as in `vllm_ht.kernels.tree_attention` and
+`vllm_ht.kernels.window_mask`):
   - context gather: for each sequence, the cache (block, offset) of each context position,
     padded to the longest context C;
   - window gather: for each sequence, the rows of its window keys, padded to the longest window W;
@@ -12,7 +12,7 @@ A plan does the index work once (arguments and glossary as in `kernels.tree_atte
     context length, a window key when its bit is set and it belongs to the sequence.
 Each layer is then one gather from the cache, one gather of window keys and one
 `scaled_dot_product_attention` over the padded batch (fp32 accumulation for every input dtype).
-The cache is read in either `kernels.cache_layout` layout: ROWS gathers token rows; K_TRANSPOSED
+The cache is read in either `vllm_ht.kernels.cache_layout` layout: ROWS gathers token rows; K_TRANSPOSED
 (vLLM CPU_ATTN's packing) copies the sequence's blocks once into contiguous K and V (a view of the
 cache, no gather, when one sequence's blocks are consecutive) and runs one fused SDPA.
 
@@ -29,9 +29,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from kernels._checks import check_tree_attention_args
-from kernels.cache_layout import ROWS, check_layout, split_k_transposed
-from kernels.window_mask import unpack_window_mask
+from vllm_ht.kernels._checks import check_tree_attention_args
+from vllm_ht.kernels.cache_layout import ROWS, check_layout, split_k_transposed
+from vllm_ht.kernels.window_mask import unpack_window_mask
 
 
 @dataclass

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.window_mask import num_mask_words, pack_window_mask
+from vllm_ht.kernels.window_mask import num_mask_words, pack_window_mask
 
 # atol = rtol, against the fp32 torch reference cast to the input dtype.
 TOLERANCES = {

@@ -4,7 +4,7 @@ After tree verification the accepted nodes of a sequence sit at scattered positi
 p + i_2, ... (i_1 < i_2 < ...); the next step expects them at p + 1, p + 2, .... For every layer
 and KV head, token row `kv[block, head, offset, :]` (K and V together, 2*head_dim values) moves
 from the source position's slot to the destination position's slot; a position's slot is
-(block_table[b, pos // block_size], pos % block_size). Torch twin: `kernels.reference.kv_compact_ref`.
+(block_table[b, pos // block_size], pos % block_size). Torch twin: `vllm_ht.kernels.reference.kv_compact_ref`.
 
 Worked example, one sequence, root at p = 5, accepted BFS nodes 2 and 3 (positions 7 and 8):
     src_positions = [5, 7, 8], dst_positions = [5, 6, 7], move_start_loc = [0, 3]
@@ -21,8 +21,8 @@ from collections.abc import Sequence
 
 import torch
 
-from kernels._checks import check_kv_compact_args
-from kernels._triton import tl, triton
+from vllm_ht.kernels._checks import check_kv_compact_args
+from vllm_ht.kernels._triton import tl, triton
 
 logger = logging.getLogger(__name__)
 
