@@ -3,8 +3,8 @@ never goes negative, and the file round-trips into the policy's StepCost (explic
 import pytest
 
 from vllm_ht.calibration import additional_config, calibration_path, fit_costs, load_costs, save
-from vllm_ht.vllm.options import HTOptions
-from vllm_ht.vllm.policy import StepCost
+from vllm_ht.options import HTOptions
+from vllm_ht.policy import StepCost
 
 P1 = 20.0
 TRUE = StepCost(row=0.05, pseudo_row=0.02, fixed=0.25, context=0.1, batch_row=0.04)

@@ -1,5 +1,5 @@
 """Hybrid trees: merging a prompt-lookup chain into the pseudo tree (vllm_ht/hybrid.py), and the
-policy's lookup length (vllm_ht/vllm/policy.py). Oracles: hand-built trees, brute-force walks."""
+policy's lookup length (vllm_ht/policy.py). Oracles: hand-built trees, brute-force walks."""
 import random
 
 import pytest
@@ -8,7 +8,7 @@ from vllm_ht import hybrid
 from vllm_ht.hybrid import LOOKUP, LOOKUP_RANK, PSEUDO
 from vllm_ht.tree import TokenTree
 from vllm_ht.verify import SamplingParams, verify_tree
-from vllm_ht.vllm.policy import DraftPlan, LookupStats, StepCost, best_lookup_length, no_drafts
+from vllm_ht.policy import DraftPlan, LookupStats, StepCost, best_lookup_length, no_drafts
 
 L = LOOKUP_RANK
 TREE = TokenTree.from_paths([[0], [1], [0, 0]])

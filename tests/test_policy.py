@@ -2,8 +2,8 @@
 import pytest
 
 from vllm_ht.tree import TokenTree
-from vllm_ht.vllm.options import HTOptions
-from vllm_ht.vllm.policy import StepCost, best_plan, predicted_speedup
+from vllm_ht.options import HTOptions
+from vllm_ht.policy import StepCost, best_plan, predicted_speedup
 
 ACC = [[0.5, 0.1], [0.4, 0.1], [0.3, 0.1]]      # conditional top-r accuracy per depth, k = 3
 FREE = StepCost(row=0.0, pseudo_row=0.0, fixed=0.0)

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from .models import cache_dir
-from .vllm.policy import StepCost
+from .policy import StepCost
 
 
 def calibration_path(model: str, dtype: str) -> Path:

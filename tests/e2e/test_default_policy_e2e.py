@@ -6,7 +6,7 @@ import json
 from e2e_helpers import run_engine, trained_checkpoint
 
 from vllm_ht.calibration import save
-from vllm_ht.vllm.policy import StepCost
+from vllm_ht.policy import StepCost
 
 N, TOKENS = 8, 48
 ARGS = ["--limit", str(N), "--max-tokens", str(TOKENS), "--ignore-eos", "--batch-sizes", "1"]

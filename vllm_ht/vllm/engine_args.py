@@ -19,7 +19,7 @@ from pathlib import Path
 from ..checkpoint import load_checkpoint
 from ..config import ConfigError
 from ..head_padding import splits_heads
-from .options import KEY, HTOptions
+from ..options import KEY, HTOptions
 
 METHOD = "hidden_transfer"
 VLLM_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")  # the HT model class builds on vLLM's Llama

@@ -18,7 +18,7 @@ from ..checkpoint import load_checkpoint
 from ..config import ConfigError, HiddenTransferConfig
 from ..projections import TransferProjections
 from .engine_args import PP_UNSUPPORTED
-from .options import HTOptions
+from ..options import HTOptions
 from .transfer import join_transfer
 
 log = logging.getLogger(__name__)

@@ -2,7 +2,7 @@
 
 vLLM hands custom proposers token ids only, so drafting happens in the HT model runner, which
 has the pseudo rows; it asks this object for the step's DraftPlan (tree + anchor nodes, by batch
-size: vllm_ht/vllm/policy.py) and turns pseudo logits into the flattened draft list. Called
+size: vllm_ht/policy.py) and turns pseudo logits into the flattened draft list. Called
 through vLLM's stock `propose()` (i.e. without the HT worker), it refuses with the fix.
 """
 from __future__ import annotations
@@ -14,8 +14,8 @@ import torch
 
 from ..tree import TokenTree, accuracy_table, likely_end_nodes, template_for_budget
 from ..calibration import calibration_path, load_costs
-from .options import HTOptions
-from .policy import DraftPlan, LookupStats, StepCost, best_lookup_length, best_plan, no_drafts, predicted_speedup
+from ..options import HTOptions
+from ..policy import DraftPlan, LookupStats, StepCost, best_lookup_length, best_plan, no_drafts, predicted_speedup
 
 log = logging.getLogger(__name__)
 

@@ -32,7 +32,7 @@ from ..tree import TokenTree
 from ..verify import SamplingParams, verify_tree
 from .attention import STEP_KEY
 from .prometheus import publish_source_counts
-from .policy import DraftPlan
+from ..policy import DraftPlan
 from .step import HTStep
 
 log = init_logger(__name__)

@@ -12,7 +12,7 @@ from vllm.v1.worker.cpu_model_runner import CPUModelRunner
 from vllm.v1.worker.cpu_worker import CPUWorker
 
 from .attention import cpu_backend_for
-from .options import HTOptions
+from ..options import HTOptions
 from .runner import HTRunnerMixin
 
 

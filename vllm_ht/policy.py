@@ -29,7 +29,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ..tree import TokenTree, end_probabilities, expected_accepted_length, template_for_budget
+from .tree import TokenTree, end_probabilities, expected_accepted_length, template_for_budget
 
 CANDIDATE_BUDGETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 

@@ -8,7 +8,7 @@ from .policy import StepCost
 
 KEY = "vllm_ht"
 # Most tree rows (root + drafts) per step across the batch: a hard cap on top of the cost-based
-# policy (vllm_ht/vllm/policy.py), which usually picks far fewer.
+# policy (vllm_ht/policy.py), which usually picks far fewer.
 DEFAULT_ROW_BUDGET = 32
 MAX_NODES = 64
 MAX_LOOKUP_NODES = 8
