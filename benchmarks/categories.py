@@ -9,7 +9,7 @@ from benchmarks.stats import AA, PLAIN, median
 
 
 def category_rows(rounds: list[dict[str, dict]]) -> list[dict]:
-    """rounds: per round, label -> the engine's JSON (vllm_ht.vllm.offline). One row per
+    """rounds: per round, label -> the engine's JSON (vllm_ht.tools.offline). One row per
     (method, category): tokens/s, speedup (median over rounds), tau and the speedup per round."""
     per: dict[tuple[str, str], dict] = {}
     for r, results in enumerate(rounds):

@@ -1,6 +1,6 @@
 """The statistics of benchmarks/throughput.py: per-round ratios against the same round's plain
 engine, their median and spread across rounds, and a verdict that a speedup must earn against an
-A/A control. Pure functions on the engines' JSON (vllm_ht/vllm/offline.py); no engine runs here.
+A/A control. Pure functions on the engines' JSON (vllm_ht/tools/offline.py); no engine runs here.
 
 Glossary
   label     a method as the benchmark names it: "plain", "plain-A/A" (a second, independent plain
@@ -96,7 +96,7 @@ def round_order(labels: list[str], r: int) -> list[str]:
 
 
 def round_cells(r: int, order: list[str], results: dict[str, dict], batch_sizes: list[int]) -> list[Cell]:
-    """The cells of round r from each label's engine JSON (vllm_ht.vllm.offline: runs keyed by the
+    """The cells of round r from each label's engine JSON (vllm_ht.tools.offline: runs keyed by the
     batch size, as a string once it went through JSON)."""
     def run_of(res: dict, bs: int) -> dict:
         return res["runs"][str(bs)] if str(bs) in res["runs"] else res["runs"][bs]

@@ -56,7 +56,7 @@ DEFAULT_METHODS = ("plain", "ngram", "ht")
 def engine_command(args, label: str, out: Path) -> list[str]:
     """The offline engine's command line for one label (plain-A/A runs plain)."""
     method = "plain" if label == AA else "ht" if label == "ht-pseudo" else label
-    cmd = [sys.executable, "-m", "vllm_ht.vllm.offline", "--method", method, "--model", args.model,
+    cmd = [sys.executable, "-m", "vllm_ht.tools.offline", "--method", method, "--model", args.model,
            "--prompts", args.prompts, "--limit", str(args.num_prompts), "--max-tokens", str(args.max_tokens),
            "--dtype", args.dtype, "--batch-sizes", ",".join(map(str, args.batch_sizes)),
            "--tensor-parallel-size", str(args.tensor_parallel_size), "--out", str(out)]

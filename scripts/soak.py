@@ -19,7 +19,7 @@ sys.path.insert(0, str(REPO))
 def soak(model: str, args: list[str], rounds: int, count: int, log: Path, label: str) -> list:
     from tqdm import tqdm
 
-    from vllm_ht.loadtest import Server, mixed_workload, run_load
+    from vllm_ht.tools.loadtest import Server, mixed_workload, run_load
 
     prompts = [json.loads(line)["prompt"] for line in (REPO / "benchmarks" / "prompts.jsonl").read_text().splitlines()]
     summaries = []

@@ -1,5 +1,5 @@
 """benchmarks/stats.py without an engine: per-round ratios against the same round's plain, medians,
-the A/A band and the verdict, on hand-made engine JSON (the shape vllm_ht.vllm.offline writes)."""
+the A/A band and the verdict, on hand-made engine JSON (the shape vllm_ht.tools.offline writes)."""
 from pathlib import Path
 
 import pytest

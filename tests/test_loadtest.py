@@ -1,4 +1,4 @@
-"""vllm_ht/loadtest.py's client against a stand-in server that answers like vLLM does, including the
+"""vllm_ht/tools/loadtest.py's client against a stand-in server that answers like vLLM does, including the
 way vLLM fails mid-stream (an error event, then [DONE]): what counts as completed, cancelled, failed."""
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from vllm_ht.loadtest import LoadRequest, failure_reason, run_load
+from vllm_ht.tools.loadtest import LoadRequest, failure_reason, run_load
 
 
 def _chunk(content=None, finish=None) -> dict:

@@ -1,8 +1,8 @@
-"""vllm_ht/server_metrics.py on a /metrics text shaped like vLLM 0.32's (two engines, HELP/TYPE lines,
+"""vllm_ht/tools/server_metrics.py on a /metrics text shaped like vLLM 0.32's (two engines, HELP/TYPE lines,
 counters by finished_reason): sums over engines, counter deltas, gauges as they are."""
 import pytest
 
-from vllm_ht.server_metrics import ServerCounts, parse
+from vllm_ht.tools.server_metrics import ServerCounts, parse
 
 BEFORE = """\
 # HELP vllm:num_requests_running Number of requests in model execution batches.

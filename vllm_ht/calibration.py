@@ -1,6 +1,6 @@
 """Measured step costs: fitting `StepCost` to timed vLLM steps, and the file the plugin reads.
 
-`vllm-ht calibrate` (vllm_ht/vllm/calibrate.py) times decode steps of one engine on the user's
+`vllm-ht calibrate` (vllm_ht/tools/calibrate.py) times decode steps of one engine on the user's
 hardware: plain steps at several batch sizes, and HT steps with several forced trees. Each
 measurement is the mean step period (ms) of `batch` requests, with, per request and step, the
 draft rows and pseudo rows the steps carried, at a mean context length. Costs are in units of one

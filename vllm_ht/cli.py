@@ -123,7 +123,7 @@ def _runtime(args: argparse.Namespace) -> int:
 
 def _calibrate(args: argparse.Namespace) -> int:
     from .calibration import additional_config, calibration_path, save
-    from .vllm.calibrate import calibrate, fit
+    from .tools.calibrate import calibrate, fit
 
     model = _model_dir(args.model)
     # the file is named after the dtype the engine resolves (as the plugin looks it up)

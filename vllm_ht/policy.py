@@ -38,7 +38,7 @@ CANDIDATE_BUDGETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 class StepCost:
     """What a step's extra rows cost, in units of one single-request decode step.
 
-    Measured on the user's hardware by `vllm-ht calibrate` (vllm_ht/vllm/calibrate.py), which
+    Measured on the user's hardware by `vllm-ht calibrate` (vllm_ht/tools/calibrate.py), which
     writes them to a file the plugin reads by default. These defaults are only the fallback
     without a calibration: deliberately cautious (drafting must clearly pay)."""
     row: float = 0.07          # one more draft (tree) row: every layer + the LM head

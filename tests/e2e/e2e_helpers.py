@@ -1,4 +1,4 @@
-"""End-to-end helpers: each vLLM engine runs in its own process (`python -m vllm_ht.vllm.offline`)."""
+"""End-to-end helpers: each vLLM engine runs in its own process (`python -m vllm_ht.tools.offline`)."""
 from __future__ import annotations
 
 import json
@@ -18,7 +18,7 @@ MT_BENCH = REPO / "data" / "mt_bench_question.jsonl"
 
 def run_engine(model_dir, out: Path, *args: str, timeout: int = 900, eager: bool = True) -> dict:
     """One engine, one process; fp32 unless the args say otherwise; eager unless eager=False."""
-    cmd = [sys.executable, "-m", "vllm_ht.vllm.offline", "--model", str(model_dir), "--prompts", str(MT_BENCH),
+    cmd = [sys.executable, "-m", "vllm_ht.tools.offline", "--model", str(model_dir), "--prompts", str(MT_BENCH),
            "--dtype", "float32", *(["--enforce-eager"] if eager else []), "--out", str(out), *args]
     # the runtime `vllm-ht serve` and the benchmark use (tcmalloc + Intel OpenMP preloaded)
     env = {**preload_env(os.environ), "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}

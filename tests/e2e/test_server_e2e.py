@@ -188,7 +188,7 @@ COPY_PROMPT = ("Repeat the following sentence exactly, word for word: The old li
 def test_metrics_count_drafts_per_source(server):
     """Hybrid trees (on by default): /metrics counts draft nodes per source; a request that copies
     its prompt gets lookup drafts accepted (the counters move during it)."""
-    from vllm_ht.server_metrics import parse
+    from vllm_ht.tools.server_metrics import parse
 
     base, model = server
 

@@ -2,7 +2,7 @@
 (`pytest -m reliability`; in the default run too). Real `vllm serve` processes on 127.0.0.1, fp32
 (greedy identity with plain vLLM is exact only there), the shipped checkpoint.
 
-Nothing is lost, by the server's own account (`/metrics`, vllm_ht/server_metrics.py): after each
+Nothing is lost, by the server's own account (`/metrics`, vllm_ht/tools/server_metrics.py): after each
 test no request is running or waiting, the KV cache is empty again, every request sent reached the
 engine, none ended in error, and the ones that did not finish are ones the client cancelled. Every
 test that generates also sees drafts proposed and accepted during it: trees were in flight."""
@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from vllm_ht.loadtest import LoadRequest, Server, mixed_workload, run_load
-from vllm_ht.server_metrics import ServerCounts, scrape
+from vllm_ht.tools.loadtest import LoadRequest, Server, mixed_workload, run_load
+from vllm_ht.tools.server_metrics import ServerCounts, scrape
 
 pytestmark = pytest.mark.reliability
 

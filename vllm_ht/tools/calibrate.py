@@ -1,7 +1,7 @@
 """`vllm-ht calibrate`: time plain and HT decode steps in vLLM on this machine, fit StepCost, save.
 
 One HT engine (compiled unless --enforce-eager, as `vllm serve` runs), timed from inside its
-worker (step_timing.py). Its trees are switched at run time: no drafts (plain steps: the HT
+worker (vllm_ht/vllm/step_timing.py). Its trees are switched at run time: no drafts (plain steps: the HT
 model with no pseudo rows is the plain model), then forced trees. Measured cells:
   plain   every batch size at a short context, and batch 1 at a long one
   HT      batch 1: 1, 3, 6 and 16 drafts (1, 2, 3, 3 anchors); batch 2..: 2 drafts, 1 anchor,
@@ -37,8 +37,8 @@ def calibrate(model: str, checkpoint: str | None, dtype: str, batch_sizes: list[
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    from . import step_timing
-    from .engine_args import ht_engine_kwargs
+    from ..vllm import step_timing
+    from ..vllm.engine_args import ht_engine_kwargs
 
     kw = ht_engine_kwargs(model, checkpoint=checkpoint, num_nodes=None)
     t0 = time.perf_counter()

@@ -25,7 +25,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .runtime import preload_env
+from ..runtime import preload_env
 
 
 @dataclass

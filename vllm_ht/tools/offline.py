@@ -1,6 +1,6 @@
 """Run one vLLM engine (plain, ngram or Hidden Transfer) over a prompt file; JSON out.
 
-    python -m vllm_ht.vllm.offline --method ht --checkpoint DIR --prompts FILE --limit 20 \
+    python -m vllm_ht.tools.offline --method ht --checkpoint DIR --prompts FILE --limit 20 \
         --max-tokens 64 --dtype float32 --batch-size 1 --out out.json
 
 One engine per process (vLLM's CPU engine spawns workers; separate processes keep methods from
@@ -19,7 +19,7 @@ from pathlib import Path
 
 def engine_kwargs(args) -> dict:
     if args.method == "ht":
-        from .engine_args import ht_engine_kwargs
+        from ..vllm.engine_args import ht_engine_kwargs
 
         return ht_engine_kwargs(args.model, checkpoint=args.checkpoint, num_nodes=args.num_nodes,
                                 row_budget=args.row_budget, pseudo_nodes=args.pseudo_nodes,
@@ -192,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 if __name__ == "__main__":
-    from .env import apply_cpu_defaults
+    from ..vllm.env import apply_cpu_defaults
 
     a = build_parser().parse_args()
     apply_cpu_defaults(a.tensor_parallel_size)
