@@ -18,7 +18,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from ..vllm.env import apply_cpu_defaults
-from .prompts import build_prompts, overlapping
+from .prompt_set import build_prompts, overlapping
 
 log = logging.getLogger(__name__)
 

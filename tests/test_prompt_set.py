@@ -1,8 +1,10 @@
+"""vllm_ht/training/prompt_set.py: the self-distillation prompt set is large, distinct and disjoint from
+the evaluation prompts (read by vllm_ht/prompts.py)."""
 from pathlib import Path
 
 from vllm_ht.prompts import load_prompts
 from vllm_ht.training.distill import training_prompts
-from vllm_ht.training.prompts import build_prompts, dedupe, overlapping
+from vllm_ht.training.prompt_set import build_prompts, dedupe, overlapping
 
 
 MT_BENCH = Path(__file__).resolve().parents[1] / "data" / "mt_bench_question.jsonl"
