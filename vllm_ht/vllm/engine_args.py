@@ -7,7 +7,7 @@ is the same as the explicit long form
         --worker-cls vllm_ht.vllm.worker.HTCPUWorker
         --hf-overrides '{"architectures": ["HTLlamaForCausalLM"]}'
         --additional-config '{"vllm_ht": {"checkpoint": "DIR", "num_nodes": null, "row_budget": 32}}'
-and offline: `LLM(MODEL, **ht_engine_kwargs(MODEL, checkpoint="DIR"))`.
+and offline: `LLM(MODEL, **ht_engine_kwargs(MODEL, checkpoint="DIR"))` (`from vllm_ht import ht_engine_kwargs`).
 The checkpoint is checked against the model here, before vLLM allocates anything.
 """
 from __future__ import annotations
