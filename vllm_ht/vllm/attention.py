@@ -19,12 +19,12 @@ requests get a causal window; tree requests the tree mask from the runner's HTSt
 """
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 
 import torch
 from vllm import _custom_ops as ops
 from vllm.forward_context import get_forward_context
+from vllm.logger import init_logger
 from vllm.model_executor.models.utils import extract_layer_index
 from vllm.v1.attention.backend import AttentionImpl, AttentionType
 from vllm.v1.attention.backends.cpu_attn import (CPUAttentionBackend, CPUAttentionMetadata,
@@ -37,7 +37,8 @@ from vllm_ht.kernels.cache_layout import K_TRANSPOSED, ROWS, write_slots
 from .step import HTStep, PseudoRows, causal_blocks, pack_blocks
 
 STEP_KEY = "vllm_ht"
-log = logging.getLogger("vllm.ht")   # under vLLM's logger: its handler and format show our INFO lines
+# under vLLM's "vllm" logger, so its handler, format and VLLM_LOGGING_LEVEL show our lines
+log = init_logger(f"vllm.{__name__}")
 
 
 def current_step() -> HTStep | None:

@@ -9,19 +9,20 @@ The real rows' results are the plain model's. The runner reads the pseudo rows' 
 """
 from __future__ import annotations
 
-import logging
 from types import SimpleNamespace
 
+from vllm.logger import init_logger
 from vllm.model_executor.models.llama import LlamaForCausalLM
 
 from ..checkpoint import load_checkpoint
 from ..config import ConfigError, HiddenTransferConfig
 from ..projections import TransferProjections
-from .engine_args import PP_UNSUPPORTED
 from ..options import HTOptions
+from .engine_args import PP_UNSUPPORTED
 from .transfer import join_transfer
 
-log = logging.getLogger(__name__)
+# under vLLM's "vllm" logger, so its handler, format and VLLM_LOGGING_LEVEL show our lines
+log = init_logger(f"vllm.{__name__}")
 
 
 class HTLlamaForCausalLM(LlamaForCausalLM):

@@ -7,17 +7,18 @@ through vLLM's stock `propose()` (i.e. without the HT worker), it refuses with t
 """
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import torch
+from vllm.logger import init_logger
 
 from ..tree import TokenTree, accuracy_table, likely_end_nodes, template_for_budget
 from ..calibration import calibration_path, load_costs
 from ..options import HTOptions
 from ..policy import DraftPlan, LookupStats, StepCost, best_lookup_length, best_plan, no_drafts, predicted_speedup
 
-log = logging.getLogger(__name__)
+# under vLLM's "vllm" logger, so its handler, format and VLLM_LOGGING_LEVEL show our lines
+log = init_logger(f"vllm.{__name__}")
 
 
 class HTProposer:

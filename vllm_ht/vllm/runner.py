@@ -35,7 +35,8 @@ from .prometheus import publish_source_counts
 from ..policy import DraftPlan
 from .step import HTStep
 
-log = init_logger(__name__)
+# under vLLM's "vllm" logger, so its handler, format and VLLM_LOGGING_LEVEL show our lines
+log = init_logger(f"vllm.{__name__}")
 
 
 def chain_only_reason(sp) -> str | None:
