@@ -3,7 +3,11 @@
 Glossary (used across the package):
 - transfer layer l: the pseudo state for a step is formed from h^l, the residual stream after
   the first l decoder layers (1 <= l <= L-1); layers l+1..L (0-based modules l..L-1) then refine it.
-- step s (1..k): the pseudo row (i, s) sits at position i + s and drafts the token at i + s + 1.
+- pseudo step s (1..k, k = `num_steps`): how far ahead a pseudo row drafts: the pseudo row (i, s)
+  sits at position i + s and drafts the token at i + s + 1.
+- step, unqualified: one forward pass of the model (vLLM's engine step; `vllm_ht.vllm.step.HTStep`,
+  the benchmarks' "HT step"). One forward pass computes all k pseudo steps of every anchor at once.
+  `num_steps` counts pseudo steps; it keeps that name because shipped config.json files use it.
 - tree template: the (depth, rank) paths of a draft tree for a node budget; see `tree.py`.
 
 A checkpoint is a folder: `config.json` (this dataclass) + `projections.safetensors`
@@ -37,7 +41,8 @@ class HiddenTransferConfig:
     num_hidden_layers: int
     hidden_size: int
     vocab_size: int
-    # k: drafts per step = tree depth. 3 matches the paper's setting and our CPU cost curve.
+    # k: pseudo steps (not forward passes) = the deepest tree a forward pass can draft. 3 matches
+    # the paper's setting and our CPU cost curve.
     num_steps: int = 3
     # One transfer layer per step; None -> the middle layer for every step (a safe default
     # before a layer sweep; the paper found mid-depth layers best).

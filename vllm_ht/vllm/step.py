@@ -1,5 +1,10 @@
 """HTStep: what one vLLM forward pass does beyond the plain model, built by the runner.
 
+Two meanings of "step", kept apart: an `HTStep` is one forward pass (an engine step); a *pseudo
+step* s is how far ahead a pseudo row drafts (`HiddenTransferConfig.num_steps` of them, k). Here s
+is 0-based (s < D), in `vllm_ht.config` 1-based: anchor a's pseudo row for 0-based s drafts the
+token at a's position + s + 2.
+
 It travels in `get_forward_context().additional_kwargs["vllm_ht"]` (no hidden state on modules):
 the attention backend reads the real rows' window mask and the pseudo rows' layout, the transfer
 op (`transfer.py`) reads which rows become pseudo states, and the runner reads the pseudo rows'
@@ -14,7 +19,7 @@ scheduled (and padded) rows, so the step is one forward of vLLM's compiled model
   rows [0, T)                 the real rows (T = scheduled tokens)
   rows [T, start)             vLLM's padding, if any
   rows [start, start + A*D)   pseudo rows, anchor-major: row start + a * D + s is anchor a's
-                              pseudo row for step s (s < D, the depth the next tree reads)
+                              pseudo row for pseudo step s (s < D, the depth the next tree reads)
 Below their transfer layer, pseudo rows carry a dummy token and see nothing (their attention
 output is zero; they write no K/V: slots exist only for real rows). At the transfer layer l_s
 the transfer op overwrites row (a, s) with W_s h^l of anchor a (residual 0); from there on it
