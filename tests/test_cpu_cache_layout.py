@@ -61,3 +61,22 @@ def test_native_kernel_and_planned_path_agree_on_the_packed_cache(dtype):
                                                                             HEAD_DIM ** -0.5)
     tol = {"atol": 2e-5, "rtol": 2e-5} if dtype == torch.float32 else {"atol": 2e-2, "rtol": 2e-2}
     torch.testing.assert_close(native, planned, **tol)
+
+
+def test_probe_falls_back_when_an_isa_packs_otherwise(monkeypatch):
+    """An ISA that runs but packs the cache another way (as AMX tiles do for bf16) must read as
+    ROWS, and ht_native_isa must then take the first fallback ISA that packs K_TRANSPOSED, or none."""
+    from vllm_ht.vllm import attention
+
+    real = ops.cpu_attn_reshape_and_cache
+
+    def tiled(key, value, k_cache, v_cache, slots, isa):       # "tiled": like vec, then pairs swapped
+        real(key, value, k_cache, v_cache, slots, "vec")
+        if isa == "tiled":
+            k_cache.copy_(k_cache.flip(-1))
+
+    monkeypatch.setattr(attention.ops, "cpu_attn_reshape_and_cache", tiled)
+    assert native_cache_layout("tiled", torch.bfloat16, BLOCK, HEAD_DIM) == ROWS
+    assert attention.ht_native_isa("tiled", torch.bfloat16, BLOCK, HEAD_DIM) == "vec"
+    monkeypatch.setattr(attention, "FALLBACK_ISAS", ("tiled",))
+    assert attention.ht_native_isa("tiled", torch.bfloat16, BLOCK, HEAD_DIM) is None

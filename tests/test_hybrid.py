@@ -123,3 +123,14 @@ def test_lookup_stats_and_length_policy():
     for _ in range(200):                                # the matcher never finds anything: no rows
         none.record_match(False)
     assert best_lookup_length(no_drafts(), none, 1, cost, 8) == 0
+
+
+def test_anchor_choice_on_lookup_chains_deeper_than_the_accuracy_table():
+    """A lookup-only chain can be deeper than the checkpoint's accuracy table (a crash at batch 4
+    in the benchmark): its nodes have no pseudo-row probability, so the root ends the path."""
+    from vllm_ht.tree import end_probabilities, likely_end_nodes
+
+    chain = hybrid.lookup_only([5, 6, 7, 8, 9, 10]).tree
+    acc = [[0.5, 0.1], [0.4, 0.1], [0.3, 0.1]]
+    assert end_probabilities(chain, acc).tolist() == [1.0, 0, 0, 0, 0, 0, 0]
+    assert likely_end_nodes(chain, acc, 2)[0] == 0

@@ -45,6 +45,9 @@ class HTOptions:
     lookup_min: int = 1
     lookup_max: int = 3
     lookup_nodes: int | None = None
+    # Test-only negative control: verification with a deliberately biased rule (vllm_ht.verify), so
+    # the sampling test can show it detects a verifier that is not lossless. Never for serving.
+    test_biased_verifier: bool = False
 
     def __post_init__(self) -> None:
         if self.num_nodes is not None and not 0 <= self.num_nodes <= MAX_NODES:

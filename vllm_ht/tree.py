@@ -206,7 +206,8 @@ def end_probabilities(tree: TokenTree, accuracy: Sequence[Sequence[float]]) -> t
     path probability minus its children's (root: 1 - sum of depth-1 path probabilities)."""
     path_p = torch.ones(tree.num_nodes)
     for i, p in enumerate(tree.paths, start=1):
-        path_p[i] = path_p[int(tree.parents[i])] * (accuracy[len(p) - 1][p[-1]] if p[-1] < len(accuracy[len(p) - 1]) else 0.0)
+        known = len(p) <= len(accuracy) and p[-1] < len(accuracy[len(p) - 1])   # lookup nodes: beyond the table
+        path_p[i] = path_p[int(tree.parents[i])] * (accuracy[len(p) - 1][p[-1]] if known else 0.0)
     end = path_p.clone()
     for i in range(1, tree.num_nodes):
         end[int(tree.parents[i])] -= path_p[i]

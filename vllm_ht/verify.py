@@ -80,12 +80,15 @@ def sample_token(logits: torch.Tensor, params: SamplingParams,
 
 def verify_tree(tree: TokenTree, tokens: torch.Tensor, logits: torch.Tensor,
                 params: SamplingParams = SamplingParams(),
-                generator: torch.Generator | None = None, argmax: list[int] | None = None) -> VerifyResult:
+                generator: torch.Generator | None = None, argmax: list[int] | None = None,
+                biased: bool = False) -> VerifyResult:
     """Walk the tree from the root.
 
     tree: the step's TokenTree;  tokens: [N+1] node tokens (root first);  logits: [N+1, V],
     the target's logits at each node's row;  argmax: greedy only, logits.argmax(-1) as a list when
-    the caller already has it (one reduction for a whole batch).
+    the caller already has it (one reduction for a whole batch);  biased: a deliberately WRONG rule
+    (when the draw matches no draft, take the first draft anyway), only as the negative control of
+    the sampling tests (HTOptions.test_biased_verifier): it must fail them.
     """
     if tokens.shape[0] != tree.num_nodes or logits.shape[0] != tree.num_nodes:
         raise ValueError(f"tokens {tuple(tokens.shape)} / logits {tuple(logits.shape)} do not match a "
@@ -100,6 +103,9 @@ def verify_tree(tree: TokenTree, tokens: torch.Tensor, logits: torch.Tensor,
     while True:
         y = draw(node)
         child = next((c for c in tree.children[node] if toks[c] == y), None)
+        if biased and child is None and tree.children[node]:
+            child = tree.children[node][0]
+            y = toks[child]
         emitted.append(y)
         if child is None:
             return VerifyResult(accepted=accepted, emitted=emitted)

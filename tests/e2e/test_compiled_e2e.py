@@ -35,3 +35,7 @@ def test_compiled_ht_identical_to_compiled_plain(model_dir, tmp_path):
         if bs == "1":
             assert kinds.get("decode+pseudo", 0) > 0, kinds
         assert kinds.get("padded", 0) == 0, kinds          # vLLM's CPU build never pads a batch
+    # The KV layout the engine really used: vLLM's own packing (its ISA's writer, read by HT's
+    # kernels) whenever the start-up probe finds an ISA that packs it the way HT reads. A CPU where
+    # no ISA does shows up here as "rows" (correct, slower), not silently.
+    assert ht["kv_layout"]["layout"] == "k_transposed" and ht["kv_layout"]["isa"] in ("vec", "vec16"), ht["kv_layout"]

@@ -61,10 +61,13 @@ def run(args) -> dict:
     startup = time.perf_counter() - t0
     conversations = [[{"role": "user", "content": p}] for p in prompts]
 
+    overrides = _request_params(args.request_params)
+
     def params(i: int):
-        return SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens, ignore_eos=args.ignore_eos,
-                              seed=None if args.seed is None else args.seed + i, logprobs=args.logprobs,
-                              repetition_penalty=args.repetition_penalty)
+        kw = dict(temperature=args.temperature, max_tokens=args.max_tokens, ignore_eos=args.ignore_eos,
+                  seed=None if args.seed is None else args.seed + i, logprobs=args.logprobs,
+                  repetition_penalty=args.repetition_penalty)
+        return SamplingParams(**{**kw, **(overrides[i % len(overrides)] if overrides else {})})
 
     llm.chat(conversations[:1], SamplingParams(max_tokens=4), use_tqdm=False)  # warm-up, not timed
     runs = {}
@@ -72,6 +75,7 @@ def run(args) -> dict:
         before, kinds_before = spec_metrics(llm), _step_kinds(llm, args)
         sources_before = _source_counts(llm, args)
         outputs, latencies, t1 = [], [], time.perf_counter()
+        choices = []         # every completion of each request (n > 1)
         chunks = []          # per llm.chat call: its prompts, time, tokens and drafts (per-category views)
         for start in range(0, len(conversations), batch_size):
             chunk = conversations[start : start + batch_size]
@@ -79,6 +83,7 @@ def run(args) -> dict:
             outs = llm.chat(chunk, [params(start + i) for i in range(len(chunk))], use_tqdm=False)
             m1 = spec_metrics(llm)
             outputs += [list(o.outputs[0].token_ids) for o in outs]
+            choices += [[list(c.token_ids) for c in o.outputs] for o in outs]
             latencies += [_latency(o) for o in outs]
             chunks.append({"start": start, "size": len(chunk), "seconds": time.perf_counter() - c0,
                            "output_tokens": sum(len(o.outputs[0].token_ids) for o in outs),
@@ -88,7 +93,7 @@ def run(args) -> dict:
         after = spec_metrics(llm)
         drafts = (after["num_drafts"] or 0) - (before["num_drafts"] or 0)
         acc = (after["num_accepted"] or 0) - (before["num_accepted"] or 0)
-        runs[batch_size] = {"outputs": outputs, "seconds": seconds, "output_tokens": sum(map(len, outputs)),
+        runs[batch_size] = {"outputs": outputs, "choices": choices, "seconds": seconds, "output_tokens": sum(map(len, outputs)),
                             "mean_accepted_length": 1 + acc / drafts if drafts else None,
                             "num_drafts": drafts, "num_accepted": acc,
                             "acceptance_per_depth": _depth_delta(before, after, drafts),
@@ -99,6 +104,7 @@ def run(args) -> dict:
                             "chunks": chunks}
         print(f"[offline] {args.method}: batch {batch_size} done", file=sys.stderr, flush=True)
     return {"method": args.method, "dtype": args.dtype, "startup_seconds": startup, "runs": runs,
+            "kv_layout": llm.collective_rpc("ht_kv_layout")[0] if args.method == "ht" else None,
             "categories": _categories(args, len(prompts))}
 
 
@@ -106,6 +112,18 @@ def _categories(args, count: int) -> list:
     from ..prompts import load_categories
 
     return [None] * count if args.repeat else load_categories(args.prompts, count)
+
+
+def _request_params(path: str | None) -> list[dict]:
+    """--request-params: a JSON list of SamplingParams keyword sets, request i takes entry i % len
+    (a "structured_outputs" dict becomes vLLM's StructuredOutputsParams)."""
+    if not path:
+        return []
+    from vllm.sampling_params import StructuredOutputsParams
+
+    rows = json.loads(Path(path).read_text())
+    return [{**r, **({"structured_outputs": StructuredOutputsParams(**r["structured_outputs"])}
+                     if isinstance(r.get("structured_outputs"), dict) else {})} for r in rows]
 
 
 def _source_counts(llm, args) -> dict:
@@ -185,6 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--logprobs", type=int, help="request top logprobs (a chain-only feature: no drafts)")
     p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--repeat", type=int, help="use the first prompt this many times")
+    p.add_argument("--request-params", help="JSON file: a list of SamplingParams keyword sets, request i takes "
+                                            "entry i %% len (overrides the flags above)")
     p.add_argument("--enforce-eager", action="store_true")
     p.add_argument("--tensor-parallel-size", type=int, default=1)
     p.add_argument("--out", required=True)

@@ -30,6 +30,9 @@ class HTProposer:
         self._anchors: dict[TokenTree, list[int]] = {}     # tree (or a scheduled prefix) -> anchor nodes
         # the lookup source of hybrid trees: vLLM's n-gram matcher, and its measured acceptance
         self.lookup_stats = LookupStats()
+        if self.options.test_biased_verifier:
+            log.warning("vllm-ht: test_biased_verifier is on: sampled verification is deliberately NOT lossless "
+                        "(the negative control of the sampling tests); never serve with it")
         self.lookup = None
         if self.options.lookup and self.options.max_lookup_nodes:
             from .lookup import PromptLookup

@@ -89,6 +89,7 @@ class HTRunnerMixin:
         self._ht_pos = torch.zeros(0, dtype=torch.int64)
         self.ht_step_counts: Counter = Counter()      # steps by kind ("plain", "tree", "pseudo", "padded")
         self.ht_source_counts: Counter = Counter()    # draft nodes by source: "<source>_drafted" / "_accepted"
+        self.ht_kv_layout: dict = {}                  # the KV layout (and CPU_ATTN ISA) the attention backend uses
 
     def load_model(self, *args, **kwargs):
         super().load_model(*args, **kwargs)
@@ -187,6 +188,7 @@ class HTRunnerMixin:
             first = next(iter(md.values()))
             st.block_table = first.block_table
             st.cache_layout = getattr(first, "cache_layout", kernels.ROWS)
+            self.ht_kv_layout = {"layout": st.cache_layout, "isa": getattr(first, "isa", None)}
         self._count_step(step, num_input)
         if step.pseudo is not None:      # the same compiled forward over the real + pseudo rows
             input_ids, positions = self._with_pseudo_rows(input_ids, positions, step.pseudo)
@@ -257,7 +259,8 @@ class HTRunnerMixin:
                 tokens = [-1] + self.ht.sched.scheduled_spec_decode_tokens[req_ids[i]][: tree.num_nodes - 1]
                 params, gen = self._request_params(i)
                 res = verify_tree(tree, torch.tensor(tokens), logits[first : first + tree.num_nodes], params, gen,
-                                  argmax=argmax[first : first + tree.num_nodes] if params.greedy else None)
+                                  argmax=argmax[first : first + tree.num_nodes] if params.greedy else None,
+                                  biased=self.drafter.options.test_biased_verifier)
                 sampled[i] = -1
                 sampled[i, : len(res.emitted)] = torch.tensor(res.emitted, dtype=sampled.dtype)
                 accepted[i] = res.accepted

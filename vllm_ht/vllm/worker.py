@@ -35,6 +35,10 @@ class HTCPUWorker(CPUWorker):
         """HT steps by kind so far (collective_rpc("ht_step_counts")): plain, tree, pseudo, tree+pseudo, padded."""
         return dict(self.model_runner.ht_step_counts)
 
+    def ht_kv_layout(self) -> dict:
+        """The KV cache layout the engine really uses (collective_rpc("ht_kv_layout")): {"layout", "isa"}."""
+        return dict(self.model_runner.ht_kv_layout)
+
     def ht_source_counts(self) -> dict:
         """Draft nodes by source so far (collective_rpc("ht_source_counts")): pseudo/lookup _drafted/_accepted."""
         return dict(self.model_runner.ht_source_counts)
