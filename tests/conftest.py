@@ -14,6 +14,25 @@ if not torch.cuda.is_available():
 
 MT_BENCH = Path(__file__).resolve().parents[1] / "data" / "mt_bench_question.jsonl"
 
+from vllm_cpu_gate import needs_vllm_cpu, reason_here  # noqa: E402  (tests/ is on sys.path)
+
+_VLLM_CPU_REASON = reason_here()
+
+
+class _SkippedModule(pytest.Module):
+    """A test module that needs vLLM's CPU build on a machine that cannot run it: one skip with the
+    reason, without importing the module (its vLLM imports would fail collection)."""
+
+    def collect(self):
+        pytest.skip(_VLLM_CPU_REASON, allow_module_level=True)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_pycollect_makemodule(module_path, parent):
+    if _VLLM_CPU_REASON and needs_vllm_cpu(module_path):
+        return _SkippedModule.from_parent(parent, path=module_path)
+    return None
+
 
 @pytest.fixture(scope="session")
 def model_dir():
