@@ -11,6 +11,13 @@ from torch import nn
 from .config import HiddenTransferConfig
 
 
+def project(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, s: int) -> torch.Tensor:
+    """e = W_s h (+ b_s): hidden [..., d], weight [k, d_out, d_in], bias [k, d] or None -> [..., d].
+    The one place the projection is written: training (TransferProjections.step) and vLLM's
+    transfer op (vllm_ht/vllm/transfer.py) both call it."""
+    return nn.functional.linear(hidden, weight[s], None if bias is None else bias[s])
+
+
 class TransferProjections(nn.Module):
     def __init__(self, config: HiddenTransferConfig):
         super().__init__()
@@ -21,9 +28,8 @@ class TransferProjections(nn.Module):
 
     def step(self, hidden: torch.Tensor, s: int) -> torch.Tensor:
         """Pseudo states of step s (0-based) for rows of `hidden` [..., d] -> [..., d]."""
-        w = self.weight[s].to(hidden.dtype)
-        b = None if self.bias is None else self.bias[s].to(hidden.dtype)
-        return nn.functional.linear(hidden, w, b)
+        bias = None if self.bias is None else self.bias.to(hidden.dtype)
+        return project(hidden, self.weight.to(hidden.dtype), bias, s)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """All steps from one transfer layer: hidden [n, d] -> pseudo [n, k, d]."""

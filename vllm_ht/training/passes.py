@@ -19,6 +19,7 @@ import torch
 from ..backbone import Backbone
 from ..config import HiddenTransferConfig
 from ..projections import TransferProjections
+from ..pseudo_group import group_visible
 
 
 @dataclass
@@ -81,7 +82,7 @@ def _pseudo_mask(rows_anchor: torch.Tensor, rows_step: torch.Tensor, t: int) -> 
     """[B, 1, Q, T + Q] bool: real keys j <= anchor; pseudo keys of the same anchor, step <= own."""
     real = torch.arange(t)[None, None, :] <= rows_anchor[:, :, None]               # [B, Q, T]
     same = rows_anchor[:, :, None] == rows_anchor[:, None, :]                      # [B, Q, Q]
-    earlier = (rows_step[None, :] <= rows_step[:, None])[None]                     # [1, Q, Q]
+    earlier = group_visible(rows_step, rows_step)[None]                           # [1, Q, Q]
     return torch.cat([real, same & earlier], dim=2)[:, None]
 
 

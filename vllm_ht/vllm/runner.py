@@ -33,7 +33,7 @@ from ..verify import SamplingParams, verify_tree
 from .attention import STEP_KEY
 from .prometheus import publish_source_counts
 from ..policy import DraftPlan
-from .step import HTStep
+from .step import HTStep, row_starts
 
 # under vLLM's "vllm" logger, so its handler, format and VLLM_LOGGING_LEVEL show our lines
 log = init_logger(f"vllm.{__name__}")
@@ -104,12 +104,12 @@ class HTRunnerMixin:
         st = self.ht
         if st is None or st.pseudo_hidden is None or st.pseudo_top is not None:
             return self._ht_lm_head(hidden)
-        n = hidden.shape[0]
-        logits = self._ht_lm_head(torch.cat([hidden, st.pseudo_hidden.flatten(0, 1)]))
+        n = hidden.shape[0]                                                  # hidden [n, d]: the rows vLLM samples
+        logits = self._ht_lm_head(torch.cat([hidden, st.pseudo_hidden.flatten(0, 1)]))   # [n + A*D, V]
         ranks = max((p[-1] for p in st.plan.tree.paths), default=0) + 1
         num_anchors, depth = st.pseudo_hidden.shape[:2]
-        st.pseudo_top = torch.topk(logits[n:].float(), ranks, dim=-1).indices.view(num_anchors, depth, ranks)
-        return logits[:n]
+        st.pseudo_top = torch.topk(logits[n:].float(), ranks, dim=-1).indices.view(num_anchors, depth, ranks)  # [A, D, r]
+        return logits[:n]                                                    # [n, V]
 
     def execute_model(self, scheduler_output, intermediate_tensors=None):
         # an empty step returns early in vLLM (no sampling, no drafting): no state for it
@@ -135,8 +135,7 @@ class HTRunnerMixin:
         req_ids = batch.req_ids[: batch.num_reqs]
         q_lens = [so.num_scheduled_tokens[r] for r in req_ids]
         trees, planned, last_rows = {}, {}, {}
-        start = 0
-        for i, (req_id, n) in enumerate(zip(req_ids, q_lens)):
+        for i, (req_id, n, start) in enumerate(zip(req_ids, q_lens, row_starts(q_lens))):
             drafts = so.scheduled_spec_decode_tokens.get(req_id) or []
             if drafts:
                 trees[i], planned[i] = self._scheduled_tree(i, req_id, drafts)
@@ -144,7 +143,6 @@ class HTRunnerMixin:
                 positions[start + 1 : start + n] = positions[start] + tree.depths[1:].to(positions.device)
             elif batch.num_computed_tokens_cpu[i] + n >= batch.num_tokens_no_spec[i]:
                 last_rows[i] = n - 1                  # samples this step (partial prefill chunks do not)
-            start += n
         step = HTStep.build(q_lens, trees)
         # The policy's batch size is every request in the step (prefill chunks too): counting only
         # the sampling ones would plan batch-1 trees while other prompts are still prefilling.
@@ -209,7 +207,7 @@ class HTRunnerMixin:
             size = max(total, 2 * self._ht_pos.shape[0])
             self._ht_ids = torch.zeros(size, dtype=input_ids.dtype, device=input_ids.device)
             self._ht_pos = torch.zeros(size, dtype=positions.dtype, device=positions.device)
-        ids, pos = self._ht_ids[:total], self._ht_pos[:total]
+        ids, pos = self._ht_ids[:total], self._ht_pos[:total]        # [n + pseudo rows]: real rows first
         ids[:n].copy_(input_ids)
         ids[n:].zero_()                                # pseudo rows' dummy token (replaced at the transfer layer)
         pos[:n].copy_(positions)

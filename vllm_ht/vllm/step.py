@@ -42,6 +42,7 @@ import torch
 
 from vllm_ht.kernels import pack_window_mask
 
+from ..pseudo_group import group_visible
 from ..tree import TokenTree
 
 
@@ -66,15 +67,23 @@ def window_mask(q_lens: list[int], trees: dict[int, TokenTree]) -> torch.Tensor:
     ancestor mask for tree requests). q_lens [2, 1] -> [[T, F], [T, T], [T, F]]."""
     lens = torch.tensor(q_lens, dtype=torch.long)
     width = max(int(lens.max()) if q_lens else 1, 1)
+    starts = row_starts(q_lens)
     seq = torch.repeat_interleave(torch.arange(len(q_lens)), lens)                      # [T]
-    local = torch.arange(seq.numel()) - (lens.cumsum(0) - lens)[seq]                    # [T]
+    local = torch.arange(seq.numel()) - torch.tensor(starts[:-1], dtype=torch.long)[seq]  # [T]
     dense = torch.arange(width)[None, :] <= local[:, None]                              # causal
-    start = 0
-    for i, n in enumerate(q_lens):
-        if i in trees:
-            dense[start : start + n, :n] = trees[i].prefix(n).mask
-        start += n
+    for i, tree in trees.items():
+        n = q_lens[i]
+        dense[starts[i] : starts[i] + n, :n] = tree.prefix(n).mask
     return dense
+
+
+def row_starts(q_lens: list[int]) -> list[int]:
+    """First row of each request's window, then the total: q_lens [3, 1] -> [0, 3, 4]. (The one
+    place the step's running row offsets are built.)"""
+    starts = [0]
+    for n in q_lens:
+        starts.append(starts[-1] + n)
+    return starts
 
 
 @dataclass
@@ -125,10 +134,7 @@ class HTStep:
     @property
     def row_starts(self) -> list[int]:
         """First row of each request's window, then the total: q_lens [3, 1] -> [0, 3, 4]."""
-        starts = [0]
-        for n in self.q_lens:
-            starts.append(starts[-1] + n)
-        return starts
+        return row_starts(self.q_lens)
 
     @property
     def causal(self) -> bool:
@@ -182,7 +188,7 @@ class HTStep:
         masks, joint_masks = {}, {}
         for j in used:
             joined = torch.tensor([join_of_step[s_] <= j for s_ in range(depth)])    # [D]
-            vis = (steps[None, :] <= s[:, None]) & joined[None, :]
+            vis = group_visible(s, steps) & joined[None, :]
             m = base.clone()
             m.scatter_(1, group_cols, vis)
             masks[j] = pack_window_mask(m)

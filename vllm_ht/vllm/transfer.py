@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 from vllm.utils.torch_utils import direct_register_custom_op
 
+from ..projections import project
 from .attention import current_step
 
 
@@ -39,7 +40,7 @@ def ht_transfer(hidden: torch.Tensor, residual: torch.Tensor, weight: torch.Tens
     h = hidden[anchors] + residual[anchors]                                  # [A, d]
     rows = hidden[p.start : p.start + p.num_rows].view(anchors.numel(), p.depth, -1)
     for s in mine:
-        rows[:, s] = torch.nn.functional.linear(h, weight[s], None if bias is None else bias[s])
+        rows[:, s] = project(h, weight, bias, s)
     res = residual[p.start : p.start + p.num_rows].view(anchors.numel(), p.depth, -1)
     res[:, mine] = 0
     return hidden, residual
