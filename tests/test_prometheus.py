@@ -1,7 +1,10 @@
 """The derived acceptance gauges, from counters shaped like vLLM's spec-decode counters."""
-from prometheus_client import REGISTRY, Counter
+import pytest
 
-from vllm_ht.vllm.prometheus import HTAcceptanceCollector
+prometheus_client = pytest.importorskip("prometheus_client", reason="comes with vLLM (make install)")
+from prometheus_client import REGISTRY, Counter  # noqa: E402
+
+from vllm_ht.vllm.prometheus import HTAcceptanceCollector  # noqa: E402
 
 
 def test_mean_accepted_length_and_per_depth():

@@ -18,8 +18,9 @@ def test_every_module_importing_vllm_is_gated():
     """A test module importing vLLM (or the hooks that do) outside the gated folders must be listed."""
     import re
 
-    pattern = re.compile(r"^\s*(from|import) (vllm\b|vllm_ht\.vllm\.(runner|attention|worker|model|transfer|lookup|"
-                         r"proposer|step|engine_args|launcher|plugin)\b)", re.M)
+    hooks = r"(runner|attention|worker|model|transfer|lookup|proposer|step|engine_args|launcher|plugin)\b"
+    pattern = re.compile(r"^\s*(from|import) (vllm\b|vllm_ht\.vllm\." + hooks + r"|vllm_ht\.vllm import " + hooks + ")",
+                         re.M)
     for path in TESTS.rglob("test_*.py"):
         if path.name == "test_docker.py":       # imports vLLM only inside the script it runs in the image
             continue

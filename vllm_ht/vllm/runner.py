@@ -137,11 +137,14 @@ class HTRunnerMixin:
         trees, planned, last_rows = {}, {}, {}
         for i, (req_id, n, start) in enumerate(zip(req_ids, q_lens, row_starts(q_lens))):
             drafts = so.scheduled_spec_decode_tokens.get(req_id) or []
-            if drafts:
+            # A chain-only request can still arrive with drafts: vLLM's scheduler pads some new
+            # decodes with placeholder drafts (-1). Those stay a causal chain that vLLM's own
+            # rejection sampler decides (so penalties, logit bias, ... apply): never an HT tree.
+            if drafts and self._wants_drafts(req_id):
                 trees[i], planned[i] = self._scheduled_tree(i, req_id, drafts)
                 tree = trees[i]
                 positions[start + 1 : start + n] = positions[start] + tree.depths[1:].to(positions.device)
-            elif batch.num_computed_tokens_cpu[i] + n >= batch.num_tokens_no_spec[i]:
+            elif not drafts and batch.num_computed_tokens_cpu[i] + n >= batch.num_tokens_no_spec[i]:
                 last_rows[i] = n - 1                  # samples this step (partial prefill chunks do not)
         step = HTStep.build(q_lens, trees)
         # The policy's batch size is every request in the step (prefill chunks too): counting only
@@ -384,6 +387,8 @@ class HTRunnerMixin:
         anchor_of_row = {int(r): a for a, r in enumerate(st.step.pseudo.anchors.tolist())}
         picks = {}
         for i in live:
+            if not self._wants_drafts(self.input_batch.req_ids[i]):
+                continue
             node = st.accepted.get(i, [None])[-1]
             a = anchor_of_row.get(starts[i] + node) if node is not None else None
             if a is not None:
