@@ -204,3 +204,26 @@ def test_metrics_count_drafts_per_source(server):
     drafted1, accepted1 = lookup_counts()
     assert drafted1["lookup"] > drafted0["lookup"] and accepted1["lookup"] > accepted0["lookup"], (drafted1, accepted1)
     assert all(accepted1[k] <= drafted1[k] for k in drafted1)
+
+
+def test_unusual_requests_are_served_and_the_server_stays_healthy(server, plain_texts):
+    """Requests reaching the engine with unusual parameters (the offline test checks their tokens
+    one by one: tests/e2e/test_request_params_e2e.py): each is answered as the API says, and
+    afterwards the server still serves plain vLLM's greedy answer."""
+    base, model = server
+    two = _chat(base, model, PROMPTS[0], n=2)["choices"]
+    assert len(two) == 2 and two[0]["message"]["content"] == two[1]["message"]["content"] == plain_texts[0]
+    one = _chat(base, model, PROMPTS[0], max_tokens=1)
+    assert one["usage"]["completion_tokens"] == 1 and one["choices"][0]["finish_reason"] == "length"
+    assert _chat(base, model, PROMPTS[0], top_k=1, temperature=1.0)["choices"][0]["message"]["content"] == plain_texts[0]
+    assert _chat(base, model, PROMPTS[0], temperature=1e-6)["choices"][0]["message"]["content"] == plain_texts[0]
+    stop = plain_texts[0].split()[2]
+    stopped = _chat(base, model, PROMPTS[0], stop=[stop])["choices"][0]
+    assert stopped["finish_reason"] == "stop" and plain_texts[0].startswith(stopped["message"]["content"])
+    long = _chat(base, model, PROMPTS[0], ignore_eos=True, max_tokens=60)
+    assert long["usage"]["completion_tokens"] == 60
+    choice = _chat(base, model, "Is the sky blue? Answer yes or no.",
+                   structured_outputs={"choice": ["yes", "no"]})["choices"][0]["message"]["content"]
+    assert choice in ("yes", "no")
+    assert urllib.request.urlopen(base + "/health", timeout=10).status == 200
+    assert _chat(base, model, PROMPTS[1])["choices"][0]["message"]["content"] == plain_texts[1]
