@@ -155,8 +155,12 @@ def best_lookup_length(plan: DraftPlan, stats: LookupStats, batch_size: int, cos
     """How many lookup nodes each request's tree gets at this batch size (0: none), under the same
     cost model as the pseudo tree: the plan gives tokens/step T and cost H (in decode steps), a
     chain of L nodes adds match_rate * sum_{d<=L} reached(d) tokens and match_rate * B * row * L
-    cost, plus the fixed HT step cost when the plan itself does not draft."""
+    cost, plus the fixed HT step cost when the plan itself does not draft. A lookup node is priced
+    as a whole extra row of a batch (max of `row` and `plain_row`): `row` is fit on small trees at
+    batch 1, where extra rows ride along nearly free; at batch 4-8 lookup chains of 6-8 nodes
+    measured 2.6-3 plain steps per step (benchmarks/results/throughput_hybrid.json)."""
     plain = 1.0 + cost.plain_row * (batch_size - 1)
+    row = max(cost.row, cost.plain_row)
     tokens = plan.tokens_per_step if plan.drafts else 1.0
     base = tokens * plain / (plan.speedup if plan.drafts else 1.0)        # H
     m = stats.match_rate
@@ -164,7 +168,7 @@ def best_lookup_length(plan: DraftPlan, stats: LookupStats, batch_size: int, cos
     gain = 0.0
     for length in range(1, min(max_len, len(stats.proposed)) + 1):
         gain += stats.reached(length)
-        extra = (0.0 if plan.drafts else cost.fixed) + m * batch_size * cost.row * length
+        extra = (0.0 if plan.drafts else cost.fixed) + m * batch_size * row * length
         value = (tokens + m * gain) * plain / (base + extra)
         if value > best:
             best_len, best = length, value
