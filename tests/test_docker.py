@@ -382,3 +382,20 @@ def test_cpu_install_step_in_fresh_venv(tmp_path):
         assert "--speculative-model {hidden_transfer}" in serve.stdout, (serve.stdout + serve.stderr)[-4000:]
     finally:
         shutil.rmtree(venv, ignore_errors=True)  # ~3.5 GB; pytest keeps the last runs' tmp dirs
+
+
+def test_cpu_image_takes_torch_from_the_index_the_fresh_machine_fallback_uses():
+    """The CPU image installs torch from the PyTorch CPU index (ARG TORCH_INDEX), the same index
+    scripts/torch_source.py falls back to on a fresh machine. That index itself cannot be reached
+    from this project's machines (only PyPI and Debian are), so the install test above runs with
+    pip's local wheel instead (TORCH_INDEX=""); this test pins the two to the same index."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        import torch_source
+    finally:
+        sys.path.pop(0)
+    args = {}
+    for instr in parse_dockerfile(CPU_DOCKERFILE.read_text()):
+        if instr.keyword == "ARG":
+            args.update(env_pairs(instr))
+    assert args.get("TORCH_INDEX") == torch_source.PYTORCH_CPU_INDEX, args
