@@ -55,11 +55,11 @@ def test_ht_trained_identical_to_plain_and_accepts_drafts(ht_trained, plain):
 # ---- bf16, the serving default ------------------------------------------------------------------
 # Exact equality cannot hold in bf16 (plain vLLM differs from itself across batch shapes). What can
 # hold: HT in bf16 stays as close to the fp32 greedy truth as plain bf16 does. Measured as the mean
-# position of the first token differing from fp32 greedy (64 if none), 20 prompts x 64 tokens at
-# batch 8 (eager). Margin: measured spread between bf16 runs of different batch shapes.
-BF16_ARGS = ["--limit", str(N), "--max-tokens", str(TOKENS), "--ignore-eos", "--batch-sizes", "8",
-             "--dtype", "bfloat16"]
-BF16_MARGIN = 6.0
+# position of the first token differing from fp32 greedy (64 if none), 20 prompts x 64 tokens (eager).
+# The margin is plain bf16's own spread across batch shapes (batch 1 vs 8 against the same truth),
+# measured in the same run, plus a floor.
+BF16_ARGS = ["--limit", str(N), "--max-tokens", str(TOKENS), "--ignore-eos", "--dtype", "bfloat16"]
+BF16_MARGIN_FLOOR = 3.0
 
 
 def _mean_first_difference(outputs, truth) -> float:
@@ -68,15 +68,16 @@ def _mean_first_difference(outputs, truth) -> float:
 
 
 def test_bf16_ht_stays_as_close_to_fp32_greedy_as_plain_bf16(model_dir, tmp_path, plain):
-    truth = plain["runs"]["8"]["outputs"]
-    ht_args = ["--method", "ht", "--checkpoint", str(trained_checkpoint())]
-    runs = {"plain bf16": run_engine(model_dir, tmp_path / "p16.json", *BF16_ARGS),
-            "HT bf16, forced 8-node tree": run_engine(model_dir, tmp_path / "h16.json", *ht_args, "--num-nodes", "8",
-                                                      *BF16_ARGS),
-            "HT bf16, default policy": run_engine(model_dir, tmp_path / "d16.json", *ht_args, *BF16_ARGS)}
-    means = {k: _mean_first_difference(r["runs"]["8"]["outputs"], truth) for k, r in runs.items()}
-    print("mean first position differing from fp32 greedy:", means)
-    assert runs["HT bf16, forced 8-node tree"]["runs"]["8"]["num_accepted"] > 0
-    assert means["plain bf16"] > 2 * BF16_MARGIN, means      # else the comparison below has no power
-    for name in ("HT bf16, forced 8-node tree", "HT bf16, default policy"):
-        assert means[name] >= means["plain bf16"] - BF16_MARGIN, means
+    """At batch 1, where the default policy drafts (hybrid trees): HT bf16 against plain bf16."""
+    truth = plain["runs"]["1"]["outputs"]                    # fp32: batch 1 and 8 agree (test above)
+    plain16 = run_engine(model_dir, tmp_path / "p16.json", *BF16_ARGS, "--batch-sizes", "1,8")
+    ht16 = run_engine(model_dir, tmp_path / "d16.json", "--method", "ht", "--checkpoint", str(trained_checkpoint()),
+                      *BF16_ARGS, "--batch-sizes", "1")
+    at = {bs: _mean_first_difference(plain16["runs"][bs]["outputs"], truth) for bs in ("1", "8")}
+    ht = _mean_first_difference(ht16["runs"]["1"]["outputs"], truth)
+    margin = max(BF16_MARGIN_FLOOR, 2 * abs(at["1"] - at["8"]))
+    print(f"mean first position differing from fp32 greedy: plain bf16 batch 1 {at['1']:.1f}, batch 8 "
+          f"{at['8']:.1f}; HT bf16 default policy, batch 1 {ht:.1f} (margin {margin:.1f})")
+    assert at["1"] > 2 * margin, (at, margin)                # else the comparison has no power
+    assert ht16["runs"]["1"]["num_accepted"] > 100           # trees really decided tokens
+    assert ht >= at["1"] - margin, (ht, at, margin)

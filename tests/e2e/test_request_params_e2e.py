@@ -3,8 +3,8 @@
 
 Chain-only features (runner.chain_only_reason): verification applies temperature, top-k and top-p
 only, so a request using anything else must get no drafts at all and decode exactly as plain vLLM.
-Other unusual parameters (n > 1, top_k=1, a near-zero temperature, stop strings, max_tokens=1,
-ignore_eos) are verified as usual: greedy-equivalent ones must give plain's tokens. A plain greedy
+Other unusual parameters (n > 1, a near-zero temperature, stop strings, max_tokens=1, ignore_eos)
+are verified as usual: greedy-equivalent ones must give plain's tokens. A plain greedy
 request in the same run must draft, so "no drafts" is a property of the features, not of the run.
 """
 import json
@@ -25,15 +25,21 @@ CHAIN_ONLY = {
     "structured output": {"structured_outputs": {"choice": ["yes", "no", "maybe"]}},
     "bad words": {"bad_words": ["the"]},
     "min tokens": {"min_tokens": 40, "max_tokens": 48},
+    "allowed token ids": {"allowed_token_ids": list(range(200, 5000))},
+}
+# chain-only too, but vLLM refuses them with any speculative method before they reach HT
+# (SamplingParams._validate_spec_decode, vllm/sampling_params.py:1182): the server e2e checks the
+# refusal is a clear 4xx and the server keeps serving
+REFUSED_BY_VLLM = {
     "min_p": {"min_p": 0.1},
     "logit bias": {"logit_bias": {"330": 3.0}},
-    "allowed token ids": {"allowed_token_ids": list(range(200, 5000))},
 }
 # not chain-only: drafted and verified; greedy-equivalent, so identical to plain
 UNUSUAL = {
     "plain greedy (control)": {},
-    "n=2": {"n": 2},
-    "top_k=1 at T=1": {"temperature": 1.0, "top_k": 1, "seed": 3},
+    # n > 1 needs T > 0 in vLLM; top_k is left out: vLLM 0.32's CPU rejection sampler dies on top-k
+    # requests under any speculative method (ngram too: apply_top_k_only on an empty k)
+    "n=2": {"n": 2, "temperature": 0.8, "seed": 5},
     "temperature 1e-6": {"temperature": 1e-6},
     "stop string": {"stop": [" and "]},
     "max_tokens=1": {"max_tokens": 1},
@@ -61,7 +67,7 @@ def test_every_chain_only_reason_is_covered():
 
     from vllm_ht.vllm import runner
 
-    exercised = {chain_only_reason(_sp(kw)) for kw in CHAIN_ONLY.values()}
+    exercised = {chain_only_reason(_sp(kw)) for kw in (*CHAIN_ONLY.values(), *REFUSED_BY_VLLM.values())}
     assert None not in exercised
     assert all(chain_only_reason(_sp(kw)) is None for kw in UNUSUAL.values())
     # thinking budget needs a reasoning parser; logprob token ids and watermarking are vLLM extras
@@ -89,13 +95,14 @@ def test_request_identical_to_plain_and_drafts_only_where_allowed(runs, name):
     i = NAMES.index(name)
     chunk = ht["chunks"][i]
     assert chunk["start"] == i and chunk["size"] == 1
-    assert ht["choices"][i] == plain["choices"][i], f"{name}: differs from plain vLLM"
+    if name != "n=2":                  # sampled (seeded): the sampling test checks its distribution
+        assert ht["choices"][i] == plain["choices"][i], f"{name}: differs from plain vLLM"
     if name in CHAIN_ONLY:
         assert chunk["num_drafts"] == 0, f"{name}: a chain-only request got {chunk['num_drafts']} drafts"
     elif name in ("plain greedy (control)", "ignore_eos", "n=2"):
         assert chunk["num_drafts"] > 0 and chunk["num_accepted"] > 0, f"{name}: {chunk}"
     if name == "n=2":
-        assert len(ht["choices"][i]) == 2 and ht["choices"][i][0] == ht["choices"][i][1]
+        assert len(ht["choices"][i]) == 2
     if name == "max_tokens=1":
         assert len(ht["outputs"][i]) == 1
     if name == "ignore_eos":

@@ -1,4 +1,4 @@
-"""Sampling inside vLLM is lossless, with power: T=0.8 (and T=0.8 with top-k 40, top-p 0.9), 1,500
+"""Sampling inside vLLM is lossless, with power: T=0.8 (and T=0.8 with top-p 0.9), 1,500
 seeded samples of one prompt per engine, 5 tokens each. Tokens at positions 1-4 are decided by tree
 verification (position 0 comes from the prefill); their distribution per position must match plain
 vLLM's (chi-square, Bonferroni over the positions compared). A negative control runs the same test
@@ -9,8 +9,12 @@ import json
 import pytest
 from e2e_helpers import run_engine, trained_checkpoint
 
-SAMPLES, BATCH, TOKENS = 1500, 100, 5
-CONFIGS = [{}, {"top_k": 40, "top_p": 0.9}]          # request i uses CONFIGS[i % 2]
+# batch 60: plain vLLM 0.32's CPU build dies on seeded requests whose prefill is split in chunks
+# (`set_offset` on a CPU generator, gpu_model_runner.py:3502); 60 prompts fit one prefill step
+SAMPLES, BATCH, TOKENS = 1500, 60, 5
+# request i uses CONFIGS[i % 2]. No top-k: vLLM 0.32's CPU rejection sampler dies on top-k requests
+# under any speculative method (ngram too); HT's own verifier applies top-k (tests/test_verify.py)
+CONFIGS = [{}, {"top_p": 0.9}]
 POSITIONS = (1, 2, 3, 4)
 ALPHA = 1e-3
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from vllm_ht.checkpoint import save_checkpoint
 from vllm_ht.config import ConfigError, HiddenTransferConfig
+from vllm_ht.options import MAX_LOOKUP_NODES
 from vllm_ht.projections import TransferProjections
 from vllm_ht.vllm.engine_args import expand_namespace, ht_engine_kwargs
 
@@ -121,7 +122,10 @@ def test_tensor_parallel_check_offline(model_dir):
 def test_identity_kwargs_shape(model_dir):
     kw = ht_engine_kwargs(str(model_dir), num_nodes=4)
     assert kw["speculative_config"]["method"] == "custom_class"
-    assert kw["speculative_config"]["num_speculative_tokens"] == 4
+    # the pseudo tree's 4 nodes + room for the lookup chain of hybrid trees
+    assert kw["speculative_config"]["num_speculative_tokens"] == 4 + MAX_LOOKUP_NODES
+    off = ht_engine_kwargs(str(model_dir), num_nodes=4, options={"lookup": False})
+    assert off["speculative_config"]["num_speculative_tokens"] == 4
     assert kw["hf_overrides"] == {"architectures": ["HTLlamaForCausalLM"]}
     assert kw["additional_config"]["vllm_ht"]["checkpoint"] is None
 

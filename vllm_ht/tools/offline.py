@@ -116,14 +116,21 @@ def _categories(args, count: int) -> list:
 
 def _request_params(path: str | None) -> list[dict]:
     """--request-params: a JSON list of SamplingParams keyword sets, request i takes entry i % len
-    (a "structured_outputs" dict becomes vLLM's StructuredOutputsParams)."""
+    (a "structured_outputs" dict becomes vLLM's StructuredOutputsParams, logit_bias keys ints)."""
     if not path:
         return []
     from vllm.sampling_params import StructuredOutputsParams
 
     rows = json.loads(Path(path).read_text())
-    return [{**r, **({"structured_outputs": StructuredOutputsParams(**r["structured_outputs"])}
-                     if isinstance(r.get("structured_outputs"), dict) else {})} for r in rows]
+    out = []
+    for r in rows:
+        r = dict(r)
+        if isinstance(r.get("structured_outputs"), dict):
+            r["structured_outputs"] = StructuredOutputsParams(**r["structured_outputs"])
+        if isinstance(r.get("logit_bias"), dict):                  # JSON keys are strings; token ids are ints
+            r["logit_bias"] = {int(k): v for k, v in r["logit_bias"].items()}
+        out.append(r)
+    return out
 
 
 def _source_counts(llm, args) -> dict:
