@@ -55,9 +55,10 @@ def arms(model_dir, tmp_path_factory):
 
 def test_sampled_tokens_follow_the_target_distribution(arms):
     plain, ht, _ = arms
-    # verification really decided tokens: drafts accepted at a measured rate (0.3 accepted drafts
-    # per verification step measured; floor 0.1)
-    assert ht["num_drafts"] > 1000 and ht["num_accepted"] / ht["num_drafts"] > 0.1, ht["num_accepted"]
+    # verification really decided tokens: many drafts, a real share of them accepted (floor 0.1)
+    rate = ht["num_accepted"] / max(ht["num_drafts"], 1)
+    print(f"sampling e2e: {ht['num_drafts']} drafts, {rate:.2f} accepted")
+    assert ht["num_drafts"] > 1000 and rate > 0.1, ht["num_accepted"]
     p = _p_values(plain["outputs"], ht["outputs"])
     assert len(p) >= 6, f"only {len(p)} (config, position) pairs had varying tokens: too little to compare"
     bad = {k: v for k, v in p.items() if v < ALPHA / len(p)}
