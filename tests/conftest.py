@@ -53,3 +53,30 @@ def mt_bench_prompts():
     from vllm_ht.prompts import load_prompts
 
     return load_prompts(MT_BENCH)
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    """A tiny random Llama (training tests)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    cfg.architectures = ["LlamaForCausalLM"]
+    return LlamaForCausalLM(cfg).eval().requires_grad_(False)
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory):
+    """12 random prompt + response sequences for tiny_model, as `make-data` writes them."""
+    import json
+
+    path = tmp_path_factory.mktemp("data") / "train.jsonl"
+    g = torch.Generator().manual_seed(1)
+    with open(path, "w") as f:
+        for i in range(12):
+            n_p, n_r = 3 + i % 4, 10 + (i * 7) % 13
+            ids = torch.randint(3, 96, (n_p + n_r,), generator=g).tolist()
+            f.write(json.dumps({"id": i, "prompt": "p", "prompt_ids": ids[:n_p], "response_ids": ids[n_p:]}) + "\n")
+    return path

@@ -1,40 +1,15 @@
 """Training on a tiny random Llama: loss masking, the pseudo mask, resume == uninterrupted."""
-import json
-
-import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from vllm_ht.backbone import Backbone
 from vllm_ht.config import HiddenTransferConfig
 from vllm_ht.projections import TransferProjections
-from vllm_ht.training.data import Batch, batch_for_step, load_sequences, sample_anchors
+from vllm_ht.training.data import batch_for_step, load_sequences, sample_anchors
 from vllm_ht.training.loss import distill_loss
 from vllm_ht.training.passes import _pseudo_mask, pseudo_pass, real_pass, targets_valid
 from vllm_ht.training.train import TrainConfig, Trainer
 
 T, F = True, False
-
-
-@pytest.fixture(scope="module")
-def tiny_model():
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
-    cfg.architectures = ["LlamaForCausalLM"]
-    return LlamaForCausalLM(cfg).eval().requires_grad_(False)
-
-
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "train.jsonl"
-    g = torch.Generator().manual_seed(1)
-    with open(path, "w") as f:
-        for i in range(12):
-            n_p, n_r = 3 + i % 4, 10 + (i * 7) % 13
-            ids = torch.randint(3, 96, (n_p + n_r,), generator=g).tolist()
-            f.write(json.dumps({"id": i, "prompt": "p", "prompt_ids": ids[:n_p], "response_ids": ids[n_p:]}) + "\n")
-    return path
 
 
 def test_targets_valid_by_hand():
@@ -64,6 +39,31 @@ def test_invalid_rows_contribute_nothing(tiny_model):
     poisoned = draft.detach().clone()
     poisoned[~valid] = 1e4
     assert torch.equal(distill_loss(bb, poisoned, teacher, valid).loss, out.loss.detach())
+
+
+def test_loss_and_its_hand_written_gradient_match_autograd(tiny_model, monkeypatch):
+    """distill_loss's backward is (softmax(q) - p) times the frozen head: it must equal autograd's
+    gradient of the plain formula, over several row chunks and with step weights."""
+    import vllm_ht.training.loss as loss_mod
+
+    monkeypatch.setattr(loss_mod, "CHUNK_ROWS", 4)               # 3 chunks for 10 valid rows
+    bb = Backbone(tiny_model)
+    g = torch.Generator().manual_seed(3)
+    draft = torch.randn(2, 3, 2, 32, generator=g, requires_grad=True)
+    teacher = torch.randn(2, 3, 2, 32, generator=g)
+    valid = torch.ones(2, 3, 2, dtype=torch.bool)
+    valid[1, 2, 1] = valid[0, 0, 0] = False
+    out = distill_loss(bb, draft, teacher, valid, step_weights=[1.0, 0.5])
+    out.loss.backward()
+    ref_draft = draft.detach().clone().requires_grad_(True)
+    logp = torch.log_softmax(bb.logits(teacher[valid]), -1)
+    logq = torch.log_softmax(bb.logits(ref_draft[valid]), -1)
+    w = torch.tensor([1.0, 0.5])[torch.arange(2).expand_as(valid)[valid]]
+    ref = ((logp.exp() * (logp - logq)).sum(-1) * w).sum() / w.sum()
+    ref.backward()
+    torch.testing.assert_close(out.loss.detach(), ref.detach())
+    torch.testing.assert_close(draft.grad, ref_draft.grad)
+    assert draft.grad.abs().sum() > 0
 
 
 def test_pseudo_pass_matches_inference_forward(tiny_model):

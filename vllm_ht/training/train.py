@@ -1,6 +1,6 @@
 """`vllm-ht train`: fit the transfer projections on a frozen backbone (DESIGN §1 training).
 
-Per step: one real pass under no_grad, then the pseudo rows of sampled anchors with grad, loss
+Per step: one real pass under no_grad (or its rows from the disk cache, `--real-cache`), then the pseudo rows of sampled anchors with grad, loss
 KL(p_real(. | x_<=i+s+1) || q_pseudo(i, s)). AdamW, linear warmup, cosine decay. Optionally a
 Medusa-1 baseline trains in the same loop on the same batches (its heads read the real pass's
 last hidden states, so it adds almost nothing to the cost).
@@ -29,6 +29,7 @@ from .data import batch_for_step, load_sequences, sample_anchors
 from .loss import distill_loss
 from .medusa import MedusaHeads
 from .passes import pseudo_pass, real_pass, targets_valid
+from .real_cache import RealPassCache
 
 log = logging.getLogger(__name__)
 STATE_FILE = "state.pt"
@@ -56,6 +57,8 @@ class TrainConfig:
     seed: int = 0
     threads: int | None = None
     save_dtype: str = "float16"              # projection storage in the shipped checkpoint
+    real_cache: str | None = None            # folder: the real pass per sequence on disk (real_cache.py)
+    real_cache_dtype: str = "bfloat16"
     extra: dict = field(default_factory=dict)
 
 
@@ -85,6 +88,8 @@ class Trainer:
             self.opt, lambda s: lr_factor(s, cfg.warmup, cfg.steps))
         self.step = 0
         self.seqs = load_sequences(cfg.data, cfg.max_len)
+        self.real_cache = (RealPassCache(cfg.real_cache, self.bb, self.ht_config, cfg.real_cache_dtype)
+                           if cfg.real_cache else None)
         self.out = Path(cfg.out)
 
     # ---- one step --------------------------------------------------------------------------
@@ -93,7 +98,8 @@ class Trainer:
         batch = batch_for_step(self.seqs, self.step, cfg.batch_size, cfg.seed)
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.step)
         anchors = sample_anchors(batch, cfg.anchors, k, gen)                     # [B, A]
-        real = real_pass(self.bb, batch.ids, self.ht_config)
+        real = (self.real_cache.real_pass(batch) if self.real_cache is not None
+                else real_pass(self.bb, batch.ids, self.ht_config))
         valid = targets_valid(anchors, batch.lengths, k)                          # [B, A, k]
         t = batch.ids.shape[1]
         tpos = (anchors[:, :, None] + torch.arange(k) + 1).clamp(max=t - 1)        # teacher rows
@@ -165,4 +171,7 @@ class Trainer:
         return self.export({"train": asdict(self.cfg), "sequences": len(self.seqs),
                             "tokens": sum(len(s.ids) for s in self.seqs), "steps_this_run": self.step - start,
                             "seconds_this_run": round(seconds, 1), "last_20_steps": summary,
-                            "hardware": f"{torch.get_num_threads()} CPU threads"})
+                            "hardware": f"{torch.get_num_threads()} CPU threads",
+                            **({"real_cache": {"sequences_read": self.real_cache.hits,
+                                               "sequences_written": self.real_cache.misses}}
+                               if self.real_cache is not None else {})})
