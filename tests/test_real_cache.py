@@ -81,13 +81,18 @@ def test_a_cache_for_another_setup_is_refused(tiny_model, tmp_path):
         RealPassCache(tmp_path / "c", bb, _config(tiny_model, (1, 2)), dtype="float32")
 
 
-def test_bf16_storage_stays_close(tiny_model, tiny_data, tmp_path):
+def test_bf16_storage_a_step_reads_the_same_values_whatever_the_cache_held(tiny_model, tiny_data, tmp_path):
+    """bf16 storage rounds: the step that fills the cache must read the rounded values too (else a
+    resumed run would differ from an uninterrupted one), also in a batch only partly cached."""
     bb, config = Backbone(tiny_model), _config(tiny_model)
     seqs = load_sequences(tiny_data, max_len=64)
     batch = batch_for_step(seqs, 0, 4, seed=0)
-    cache = RealPassCache(tmp_path / "c16", bb, config, dtype="bfloat16")
-    cache.real_pass(batch)
     proj = TransferProjections(config)
     want = _loss(bb, config, proj, real_pass(bb, batch.ids, config), batch)[0]
-    got = _loss(bb, config, proj, cache.real_pass(batch), batch)[0]
-    assert cache.hits == 4 and got == pytest.approx(want, rel=2e-2)
+    partly = RealPassCache(tmp_path / "partly", bb, config, dtype="bfloat16")
+    partly.real_pass(collate([seqs[i] for i in range(len(seqs)) if i % 2]))    # half of them, say
+    cache = RealPassCache(tmp_path / "c16", bb, config, dtype="bfloat16")
+    losses = [_loss(bb, config, proj, c.real_pass(batch), batch)[0] for c in (cache, cache, partly)]
+    assert cache.misses == 4 and cache.hits == 4 and 0 < partly.hits < 4
+    assert losses[0] == losses[1] == losses[2]
+    assert losses[0] == pytest.approx(want, rel=2e-2) and losses[0] != want

@@ -40,7 +40,7 @@ UNUSUAL = {
     # n > 1 needs T > 0 in vLLM; top_k is left out: vLLM 0.32's CPU rejection sampler dies on top-k
     # requests under any speculative method (ngram too: apply_top_k_only on an empty k)
     "n=2": {"n": 2, "temperature": 0.8, "seed": 5},
-    # vLLM raises a temperature in (0, 0.01) to 0.01 (SamplingParams._verify_args,
+    # vLLM raises a temperature in (0, 0.01) to 0.01 (SamplingParams.__post_init__,
     # vllm/sampling_params.py:557): a sampled request, not a greedy one
     "temperature 1e-6": {"temperature": 1e-6, "seed": 11},
     "stop string": {"stop": [" and "]},

@@ -2,10 +2,9 @@
 
 Logits are [rows, V] with V = 49152 for the default model, and the LM head is the biggest matmul of
 a training step. The gradient of KL(p || softmax(z)) with respect to the logits z is softmax(z) - p,
-so each chunk's forward keeps that [rows, V] gradient and the backward is one matmul with the
-frozen head: two LM-head matmuls per row (forward, backward) instead of the three of activation
-checkpointing (forward, recompute, backward). Memory: one fp32 [rows, V] per step, as large as the
-teacher's log-probs the step holds anyway.
+so each chunk's forward also takes that gradient through the frozen head, (q - p) @ W, and keeps
+only the [rows, d] result: two LM-head matmuls per draft row instead of the three of activation
+checkpointing (forward, recompute, backward), with one chunk's [rows, V] in memory at a time.
 """
 from __future__ import annotations
 
@@ -28,7 +27,8 @@ class LossOut:
 
 class _ChunkKL(torch.autograd.Function):
     """draft [n, d] final-normed states, logp [n, V] teacher log-probs -> [2, n]: KL(p || q) and
-    agreement (argmax q == argmax p); gradients flow to `draft` only (the head is frozen)."""
+    agreement (argmax q == argmax p); gradients flow to `draft` only (the head is frozen).
+    The backward needs only (q - p) @ W [n, d], computed here: one [n, V] at a time in memory."""
 
     @staticmethod
     def forward(ctx, draft, logp, weight, bias):
@@ -37,15 +37,16 @@ class _ChunkKL(torch.autograd.Function):
         p = logp.exp()
         kl = (p * (logp - logq)).sum(-1)
         agree = (logq.argmax(-1) == logp.argmax(-1)).to(kl.dtype)
-        ctx.save_for_backward(logq.exp_().sub_(p), weight)     # dKL/dlogits = q - p, in place of logq
-        ctx.draft_dtype = draft.dtype
+        if ctx.needs_input_grad[0]:
+            ctx.save_for_backward(logq.exp_().sub_(p) @ weight.float())   # dKL/dlogits = q - p
+            ctx.draft_dtype = draft.dtype
         return torch.stack([kl, agree])
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
-        dz, weight = ctx.saved_tensors
-        g = (dz * grad[0][:, None]) @ weight.float()
-        return g.to(ctx.draft_dtype), None, None, None
+        (g,) = ctx.saved_tensors
+        return (g * grad[0][:, None]).to(ctx.draft_dtype), None, None, None
 
 
 def _chunk_kl(bb: Backbone, draft: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
