@@ -226,9 +226,11 @@ def test_unusual_requests_are_served_and_the_server_stays_healthy(server, plain_
     choice = _chat(base, model, "Is the sky blue? Answer yes or no.",
                    structured_outputs={"choice": ["yes", "no"]})["choices"][0]["message"]["content"]
     assert choice in ("yes", "no")
-    # vLLM refuses these with any speculative method; sampled requests only: at temperature 0 vLLM
-    # drops min_p itself (SamplingParams.__post_init__, greedy)
-    for refused in ({"min_p": 0.1}, {"logit_bias": {"330": 3.0}}):
+    # vLLM refuses min_p / logit_bias with any speculative method, and HT top-k on the CPU build
+    # (vllm_ht/vllm/top_k_guard.py: vLLM's CPU rejection sampler would stop the engine); sampled
+    # requests only: at temperature 0 vLLM drops min_p and top_k itself (greedy)
+    assert _chat(base, model, PROMPTS[0], top_k=20)["choices"][0]["message"]["content"] == plain_texts[0]
+    for refused in ({"min_p": 0.1}, {"logit_bias": {"330": 3.0}}, {"top_k": 20}):
         with pytest.raises(urllib.error.HTTPError) as e:
             _chat(base, model, PROMPTS[0], temperature=0.7, seed=3, **refused)
         assert e.value.code == 400 and "speculative decoding" in e.value.read().decode()

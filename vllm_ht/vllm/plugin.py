@@ -1,6 +1,7 @@
 """The `vllm.general_plugins` entry point: runs in every vLLM process, possibly several times.
 
-Registers the HT model class, the derived acceptance gauges (prometheus.py) and adds the
+Registers the HT model class, the derived acceptance gauges (prometheus.py), the top-k guard for
+the CPU build (top_k_guard.py) and adds the
 `--speculative-model hidden_transfer` CLI alias (vLLM loads plugins before it builds the serve
 parser).
 """
@@ -22,6 +23,9 @@ def register() -> None:
     ModelRegistry.register_model(HT_ARCH, "vllm_ht.vllm.model:HTLlamaForCausalLM")
     from .prometheus import ensure_sources_dir, register_collector
 
+    from .top_k_guard import install as guard_top_k
+
+    guard_top_k()         # a clear 400 where vLLM's CPU rejection sampler would die on top-k
     ensure_sources_dir()  # per-source draft counts travel from the engine process through a folder
     register_collector()  # derived gauges: mean accepted length, per-depth acceptance; per-source counters
     if getattr(EngineArgs, "_vllm_ht_wrapped", False):

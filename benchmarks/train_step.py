@@ -1,0 +1,65 @@
+"""What does a training step cost, uncached and read from the real-pass cache?
+
+    python benchmarks/train_step.py [--model DIR] [--steps 4]
+
+Two trainers on the same batches (the shipped checkpoint's config: k=3, transfer layer 15,
+batch 8, 64 anchors, sequences of ~70 + ~200 tokens of random ids; timing does not depend on the
+ids), one after the other in this process: uncached, then with `--real-cache` in bf16 over two
+epochs (the first fills the cache, the second reads it). Prints seconds per step and the ratio
+to the uncached run. Run it alone: two cores cannot time and do anything else.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from vllm_ht.models import default_model_dir
+from vllm_ht.training.train import TrainConfig, Trainer
+
+
+def _data(path: Path, n: int) -> None:
+    rng = random.Random(0)
+    with open(path, "w") as f:
+        for _ in range(n):
+            ids = [rng.randint(100, 40000) for _ in range(rng.randint(40, 120) + rng.randint(150, 260))]
+            cut = rng.randint(40, 120)
+            f.write(json.dumps({"prompt_ids": ids[:cut], "response_ids": ids[cut:]}) + "\n")
+
+
+def _epochs(trainer: Trainer, steps: int) -> list[float]:
+    times = []
+    for _ in range(2 * steps):
+        t0 = time.perf_counter()
+        trainer.train_step()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None, help="model folder (default: `vllm-ht prepare-model`'s)")
+    p.add_argument("--steps", type=int, default=4, help="steps per epoch (the data holds steps x 8 sequences)")
+    args = p.parse_args()
+    model = str(args.model or default_model_dir())
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        _data(tmp / "data.jsonl", 8 * args.steps)
+        rows = {}
+        for name, extra in (("uncached", {}), ("real-pass cache (bf16)", {"real_cache": str(tmp / "cache")})):
+            cfg = TrainConfig(model=model, data=str(tmp / "data.jsonl"), out=str(tmp / name.split()[0]),
+                              transfer_layers=[15, 15, 15], steps=1000, **extra)
+            times = _epochs(Trainer(cfg), args.steps)
+            rows[name] = (statistics.mean(times[: args.steps]), statistics.mean(times[args.steps :]))
+        base = rows["uncached"][1]
+        print(f"{'':24} {'epoch 1 s/step':>15} {'epoch 2 s/step':>15} {'epoch 2 vs uncached':>20}")
+        for name, (first, second) in rows.items():
+            print(f"{name:24} {first:15.2f} {second:15.2f} {second / base:19.2f}x")
+
+
+if __name__ == "__main__":
+    main()
