@@ -37,8 +37,9 @@ REFUSED_BY_VLLM = {
 # not chain-only: drafted and verified; greedy-equivalent, so identical to plain
 UNUSUAL = {
     "plain greedy (control)": {},
-    # n > 1 needs T > 0 in vLLM; top_k is left out: vLLM 0.32's CPU rejection sampler dies on top-k
-    # requests under any speculative method (ngram too: apply_top_k_only on an empty k)
+    # n > 1 needs T > 0 in vLLM; no sampled top_k: vLLM 0.32's CPU rejection sampler dies on it under
+    # any speculative method, so HT refuses it there (vllm_ht/vllm/top_k_guard.py; the server e2e
+    # checks the 400)
     "n=2": {"n": 2, "temperature": 0.8, "seed": 5},
     # vLLM raises a temperature in (0, 0.01) to 0.01 (SamplingParams.__post_init__,
     # vllm/sampling_params.py:557): a sampled request, not a greedy one
