@@ -27,3 +27,17 @@ def test_overlap_check_catches_a_planted_prompt():
 
 def test_dedupe_ignores_case_and_punctuation():
     assert dedupe(["Explain gravity.", "explain   GRAVITY", "Explain tides."]) == ["Explain gravity.", "Explain tides."]
+
+
+def test_copy_heavy_requests_are_a_real_share():
+    """Translate / answer from a passage / quote / restructure / edit given code: answers that copy
+    the prompt, where lookup drafts pay and the pseudo rows must learn to copy."""
+    prompts = build_prompts(4000, seed=0)
+    kinds = {"translate": "Translate the following passage", "passage question": "Read the passage and answer",
+             "quote": "Quote the sentence", "numbered": "Rewrite this text as a numbered list",
+             "proofread": "Fix any grammar", "code": "this Python function"}
+    counts = {k: sum(1 for p in prompts if v in p) for k, v in kinds.items()}
+    assert all(n >= 50 for n in counts.values()), counts
+    assert sum(counts.values()) >= 0.15 * len(prompts), counts
+    code = next(p for p in prompts if "this Python function" in p)
+    assert "\ndef " in code and code.count("\n") >= 6          # the function's source is in the prompt

@@ -1,5 +1,7 @@
 """The self-distillation prompt set: instruction templates x topics, plus passages of English text
-shipped with Python itself (`pydoc_data`), deduplicated and checked against evaluation prompts.
+and small functions shipped with Python itself (`pydoc_data`, the standard library's source) for
+copy-heavy requests (translate, answer from a passage, quote, edit given code), deduplicated and
+checked against evaluation prompts.
 
 Nothing is downloaded. The categories mirror the kinds of requests chat users make (writing,
 role-play, reasoning, math, coding, extraction, STEM, humanities) without reusing any evaluation
@@ -94,16 +96,80 @@ def _math_prompts(rng: random.Random, n: int) -> list[str]:
 
 def _passage_prompts(rng: random.Random, n: int) -> list[str]:
     """'Explain / summarise this passage' over Python's own documentation text (pydoc_data)."""
-    from pydoc_data.topics import topics
-
-    paragraphs = [p.strip() for text in topics.values() for p in text.split("\n\n")
-                  if 200 <= len(p.strip()) <= 900 and p.count(" ") > 30 and not p.strip().startswith(">>>")]
+    paragraphs = _paragraphs()
     rng.shuffle(paragraphs)
     asks = ["Summarize the following passage in plain words:\n\n{x}",
             "Explain this documentation excerpt to a beginner programmer:\n\n{x}",
             "Extract the main rules stated in this text as a bullet list:\n\n{x}",
             "Write three quiz questions (with answers) based on this text:\n\n{x}"]
-    return [rng.choice(asks).format(x=re.sub(r"\s+", " ", p)) for p in paragraphs[:n]]
+    return [rng.choice(asks).format(x=p) for p in paragraphs[:n]]
+
+
+COPY_LANGUAGES = ["French", "Spanish", "German", "Italian", "Portuguese"]
+# pure-Python standard-library modules whose small functions serve as code to copy and edit
+CODE_MODULES = ["textwrap", "fnmatch", "colorsys", "heapq", "bisect", "statistics", "shlex", "string",
+                "difflib", "calendar", "glob", "posixpath", "base64", "html", "ipaddress", "fractions"]
+
+
+def _paragraphs() -> list[str]:
+    """Prose paragraphs of Python's own documentation text (pydoc_data), whitespace-normalised."""
+    from pydoc_data.topics import topics
+
+    return [re.sub(r"\s+", " ", p.strip()) for text in topics.values() for p in text.split("\n\n")
+            if 200 <= len(p.strip()) <= 900 and p.count(" ") > 30 and not p.strip().startswith(">>>")]
+
+
+def _functions(max_lines: int = 30) -> list[str]:
+    """Source of small pure-Python functions of the standard library (5..max_lines lines)."""
+    import importlib
+    import inspect
+
+    out = []
+    for name in CODE_MODULES:
+        module = importlib.import_module(name)
+        for _, fn in inspect.getmembers(module, inspect.isfunction):
+            if fn.__module__ != module.__name__:
+                continue
+            try:
+                src = inspect.getsource(fn)
+            except (OSError, TypeError):
+                continue
+            if 5 <= src.count("\n") <= max_lines:
+                out.append(src.rstrip())
+    return out
+
+
+def _copy_prompts(rng: random.Random, n: int) -> list[str]:
+    """Requests whose answers copy much of the prompt: translate, answer from a passage, quote,
+    restructure, and edit given code (the kinds where prompt-lookup drafts pay, and where the pseudo
+    rows should learn to copy too)."""
+    paragraphs, functions = _paragraphs(), _functions()
+    rng.shuffle(paragraphs)
+    rng.shuffle(functions)
+    out = []
+    for i in range(n):
+        if i % 4 == 3 and functions:
+            src = functions[(i // 4) % len(functions)]
+            out.append(rng.choice([
+                "Add a docstring and comments to this Python function. Return the whole function:\n\n{x}",
+                "Rename the variables of this Python function to clearer names and return the full code:\n\n{x}",
+                "Add type hints to this Python function and return the complete function:\n\n{x}",
+                "Explain what this Python function does, line by line, quoting each line first:\n\n{x}",
+            ]).format(x=src))
+            continue
+        x = paragraphs[i % len(paragraphs)]
+        words = [w for w in re.findall(r"[A-Za-z_]{6,}", x)]
+        kw = rng.choice(words) if words else "this"
+        out.append(rng.choice([
+            f"Translate the following passage into {rng.choice(COPY_LANGUAGES)}. Keep the same number of "
+            f"sentences.\n\n{x}",
+            f"Read the passage and answer the question using the passage's own words.\n\nPassage: {x}\n\n"
+            f"Question: what does the passage say about \"{kw}\"?",
+            f"Quote the sentence of this text that mentions \"{kw}\", then explain it in one sentence.\n\n{x}",
+            f"Rewrite this text as a numbered list, one sentence per item, keeping the wording:\n\n{x}",
+            f"Fix any grammar or punctuation problems in this text and return the corrected text in full:\n\n{x}",
+        ]))
+    return out
 
 
 def build_prompts(num: int, seed: int = 0) -> list[str]:
@@ -120,6 +186,7 @@ def build_prompts(num: int, seed: int = 0) -> list[str]:
              for lang in LANGUAGES for task in CODING_TASKS]
     pool += _math_prompts(rng, max(num // 8, 50))
     pool += _passage_prompts(rng, max(num // 6, 50))
+    pool += _copy_prompts(rng, max(num // 4, 50))
     return dedupe(rng.sample(pool, len(pool)))[:num]
 
 
