@@ -34,7 +34,7 @@ REFUSED_BY_VLLM = {
     "min_p": {"min_p": 0.1},
     "logit bias": {"logit_bias": {"330": 3.0}},
 }
-# not chain-only: drafted and verified; greedy-equivalent, so identical to plain
+# not chain-only: drafted and verified; the greedy ones identical to plain, the sampled ones (SAMPLED) drafting
 UNUSUAL = {
     "plain greedy (control)": {},
     # n > 1 needs T > 0 in vLLM; no sampled top_k: vLLM 0.32's CPU rejection sampler dies on it under

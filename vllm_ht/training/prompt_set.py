@@ -158,7 +158,7 @@ def _copy_prompts(rng: random.Random, n: int) -> list[str]:
             ]).format(x=src))
             continue
         x = paragraphs[i % len(paragraphs)]
-        words = [w for w in re.findall(r"[A-Za-z_]{6,}", x)]
+        words = re.findall(r"[A-Za-z_]{6,}", x)
         kw = rng.choice(words) if words else "this"
         out.append(rng.choice([
             f"Translate the following passage into {rng.choice(COPY_LANGUAGES)}. Keep the same number of "

@@ -1,9 +1,9 @@
 """`vllm-ht train`: fit the transfer projections on a frozen backbone (DESIGN §1 training).
 
-Per step: one real pass under no_grad (or its rows from the disk cache, `--real-cache`), then the pseudo rows of sampled anchors with grad, loss
-KL(p_real(. | x_<=i+s+1) || q_pseudo(i, s)). AdamW, linear warmup, cosine decay. Optionally a
-Medusa-1 baseline trains in the same loop on the same batches (its heads read the real pass's
-last hidden states, so it adds almost nothing to the cost).
+Per step: one real pass under no_grad (or its rows from the disk cache, `--real-cache`), then the
+pseudo rows of sampled anchors with grad, loss KL(p_real(. | x_<=i+s+1) || q_pseudo(i, s)). AdamW,
+linear warmup, cosine decay. Optionally a Medusa-1 baseline trains in the same loop on the same
+batches (its heads read the real pass's last hidden states, so it adds almost nothing to the cost).
 
 Resume: `state.pt` in the output folder holds the step, the projections, the optimiser and the
 scheduler; batches and anchors depend only on (seed, step), so a resumed run equals an
