@@ -57,5 +57,10 @@ calibrate: install
 step-cost: model
 	$(PY) benchmarks/step_cost.py --dtype $(DTYPE) --json benchmarks/results/step_cost.json
 
+# the GPU device check (docs/gpu.md) rehearsed here: every stage on the CPU at tiny shapes
+.PHONY: device-check
+device-check: install
+	$(PY) scripts/device_check.py --dry-run --out out/device_check_dry
+
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
