@@ -11,6 +11,7 @@ uninterrupted one.
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -33,6 +34,8 @@ from .real_cache import RealPassCache
 
 log = logging.getLogger(__name__)
 STATE_FILE = "state.pt"
+SNAPSHOT_DIR = "snapshots"      # projections at every save, for the learning curve
+HISTORY_FILE = "history.jsonl"  # per-step training loss and top-1 (appended; a resumed run goes on)
 MEDUSA_FILE = "medusa.safetensors"
 
 
@@ -129,6 +132,11 @@ class Trainer:
         tmp = self.out / (STATE_FILE + ".tmp")
         torch.save(state, tmp)
         tmp.replace(self.out / STATE_FILE)
+        # the projections at this step, for the learning curve (`vllm-ht eval-drafts --curve`)
+        snap = self.out / SNAPSHOT_DIR
+        snap.mkdir(exist_ok=True)
+        torch.save({"step": self.step, "anchors_seen": self.step * self.cfg.batch_size * self.cfg.anchors,
+                    "projections": self.projections.state_dict()}, snap / f"step_{self.step:06d}.pt")
 
     def load_state(self) -> bool:
         path = self.out / STATE_FILE
@@ -155,11 +163,14 @@ class Trainer:
         if resume and self.load_state():
             log.info("resumed at step %d from %s", self.step, self.out / STATE_FILE)
         start, t0 = self.step, time.perf_counter()
+        self.out.mkdir(parents=True, exist_ok=True)
         bar = tqdm(total=self.cfg.steps, initial=self.step, desc="train", disable=not progress)
         history = []
         while self.step < self.cfg.steps:
             stats = self.train_step()
             history.append(stats)
+            with open(self.out / HISTORY_FILE, "a") as f:
+                f.write(json.dumps({"step": self.step, "seconds": round(time.perf_counter() - t0, 2), **stats}) + "\n")
             bar.update(1)
             bar.set_postfix({n: f"{v:.3f}" for n, v in stats.items() if n in ("loss", "top1_1", "top1_2", "top1_3")})
             if self.step % self.cfg.save_every == 0 or self.step == self.cfg.steps:
