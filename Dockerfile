@@ -5,11 +5,16 @@
 #   docker run --gpus all --ipc=host -p 8000:8000 vllm-ht:gpu MODEL \
 #       --speculative-model hidden_transfer --ht-checkpoint /opt/vllm-ht/checkpoints/smollm2-135m-instruct
 #
-# NOTE: the GPU worker of vllm-ht is not written yet. On a GPU, `--speculative-model
-# hidden_transfer` stops at start-up with that message (worker_cls in vllm_ht/vllm/engine_args.py);
-# today this image builds and serves plain vLLM with the plugin loaded:
+# NOTE: this image serves Hidden Transfer with the GPU worker (vllm_ht/vllm/gpu_worker.py: vLLM's V1
+# GPU runner, and the HT attention backend in vLLM's CUSTOM slot, vllm_ht/vllm/gpu_attention.py:
+# TRITON_ATTN for causal rows, the project's Triton tree kernel for tree and pseudo rows; piecewise
+# CUDA graphs only). This path has not been run end to end: no vLLM CUDA build could be run by the
+# project. It is checked in pieces on CPU (tests/test_gpu_path.py: backend registration and
+# validation, the CUDA-graph decisions, the metadata builder, worker selection), by the start-up
+# self-check (vllm_ht/vllm/self_check.py) and by scripts/device_check.py (the kernels on a GPU,
+# without vLLM). Without --speculative-model the image serves plain vLLM with the plugin loaded:
 #   docker run --gpus all --ipc=host -p 8000:8000 vllm-ht:gpu MODEL
-# Hidden Transfer runs on vLLM's CPU build: docker/cpu.Dockerfile.
+# The CPU build of Hidden Transfer, tested end to end: docker/cpu.Dockerfile.
 FROM vllm/vllm-openai:v0.32.0
 
 WORKDIR /opt/vllm-ht

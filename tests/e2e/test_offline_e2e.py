@@ -80,4 +80,5 @@ def test_bf16_ht_stays_as_close_to_fp32_greedy_as_plain_bf16(model_dir, tmp_path
           f"{at['8']:.1f}; HT bf16 default policy, batch 1 {ht:.1f} (margin {margin:.1f})")
     assert at["1"] > 2 * margin, (at, margin)                # else the comparison has no power
     assert ht16["runs"]["1"]["num_accepted"] > 100           # trees really decided tokens
+    assert ht16["self_check"]["passed"] is True, ht16["self_check"]   # the start-up probe passes in bf16
     assert ht >= at["1"] - margin, (ht, at, margin)

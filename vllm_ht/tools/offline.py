@@ -105,6 +105,7 @@ def run(args) -> dict:
         print(f"[offline] {args.method}: batch {batch_size} done", file=sys.stderr, flush=True)
     return {"method": args.method, "dtype": args.dtype, "startup_seconds": startup, "runs": runs,
             "kv_layout": llm.collective_rpc("ht_kv_layout")[0] if args.method == "ht" else None,
+            "self_check": llm.collective_rpc("ht_self_check")[0] if args.method == "ht" else None,
             "categories": _categories(args, len(prompts))}
 
 

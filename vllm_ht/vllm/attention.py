@@ -63,7 +63,8 @@ class HTAttentionMetadata:
     plans: dict = field(default_factory=dict)
     cache_layout: str = ROWS        # vllm_ht.kernels.cache_layout
     isa: str | None = None          # CPU_ATTN's ISA (K_TRANSPOSED caches): writes use its op
-    native: CPUAttentionMetadata | None = None   # vLLM's own metadata: causal steps run its kernel
+    # vLLM's own metadata (CPU_ATTN's; TRITON_ATTN's on CUDA, gpu_attention.py): causal steps run its kernel
+    native: CPUAttentionMetadata | None = None
 
 
 def attend(md: HTAttentionMetadata, rows: str, query, kv_cache, query_start_loc, window_key, window_value,
@@ -159,7 +160,7 @@ class HTAttentionImpl(AttentionImpl):
             self._joint_forward(query, key, value, kv_cache, attn_metadata, output, pseudo, group)
             return output
         if attn_metadata.native is not None and causal:   # real rows causal (no trees, or chains)
-            self._native_forward(query, kv_cache, attn_metadata.native, output, t)
+            self._native_forward(layer, query, kv_cache, attn_metadata.native, output, t)
         else:
             bits = step.real_mask_bits if step is not None else attn_metadata.causal_bits
             attend(attn_metadata, "real", query[:t].view(t, self.num_heads, self.head_size), kv_cache,
@@ -205,7 +206,7 @@ class HTAttentionImpl(AttentionImpl):
                value.view(-1, kv_heads, hd)[win], p.masks[group].to(query.device), self.scale, out=out,
                window_start_loc=p.window_start_loc.to(query.device))
 
-    def _native_forward(self, query, kv_cache, md: CPUAttentionMetadata, output, t: int) -> torch.Tensor:
+    def _native_forward(self, layer, query, kv_cache, md: CPUAttentionMetadata, output, t: int) -> torch.Tensor:
         """vLLM's CPU attention kernel (what CPU_ATTN runs), on a K_TRANSPOSED cache."""
         key_cache, value_cache = _native_halves(kv_cache)
         ops.cpu_attention_with_kv_cache(

@@ -7,12 +7,16 @@ is the same as the explicit long form
         --worker-cls vllm_ht.vllm.worker.HTCPUWorker
         --hf-overrides '{"architectures": ["HTLlamaForCausalLM"]}'
         --additional-config '{"vllm_ht": {"checkpoint": "DIR", "num_nodes": null, "row_budget": 32}}'
+on vLLM's CPU build; on CUDA the worker is vllm_ht.vllm.gpu_worker.HTGPUWorker and
+        --attention-config '{"backend": "CUSTOM"}'
+selects the HT attention backend (gpu_attention.py). Other platforms (ROCm, XPU, TPU) are refused.
 and offline: `LLM(MODEL, **ht_engine_kwargs(MODEL, checkpoint="DIR"))` (`from vllm_ht import ht_engine_kwargs`).
 The checkpoint is checked against the model here, before vLLM allocates anything.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -29,18 +33,47 @@ PP_UNSUPPORTED = ("Hidden Transfer does not support pipeline parallelism: the ps
                   "(tensor parallelism is the way to split the model), or serve without --speculative-model.")
 
 
-def _on_cpu() -> bool:
+CPU_WORKER = "vllm_ht.vllm.worker.HTCPUWorker"
+GPU_WORKER = "vllm_ht.vllm.gpu_worker.HTGPUWorker"
+HT_ATTENTION = "CUSTOM"   # AttentionBackendEnum.CUSTOM, which the GPU worker points at gpu_attention.py's backend
+V2_RUNNER_UNSUPPORTED = ("Hidden Transfer runs on vLLM's V1 GPU model runner (its _model_forward/_sample hooks and "
+                         "custom_class drafting), but vLLM's V2 model runner was selected. Unset "
+                         "VLLM_USE_V2_MODEL_RUNNER (or set it to 0) and leave off features that force the V2 "
+                         "runner (watermarking, HiSparse), or serve without --speculative-model.")
+
+
+def _platform():
     from vllm.platforms import current_platform
 
-    return current_platform.is_cpu()
+    return current_platform
+
+
+def _on_cpu() -> bool:
+    return _platform().is_cpu()
+
+
+def _on_cuda() -> bool:
+    return _platform().is_cuda()
+
+
+def check_model_runner() -> None:
+    """CUDA: the V1 model runner (the worker checks again: features can force V2 without the variable)."""
+    from vllm import envs
+
+    if envs.VLLM_USE_V2_MODEL_RUNNER:
+        raise ConfigError(V2_RUNNER_UNSUPPORTED)
 
 
 def worker_cls() -> str:
-    if not _on_cpu():
-        raise ConfigError("vllm-ht's Hidden Transfer runner is validated on vLLM's CPU build only so far; the "
-                          "GPU worker is not available yet. Use the CPU build (`make install` on a machine "
-                          "without an NVIDIA GPU) or run without --speculative-model.")
-    return "vllm_ht.vllm.worker.HTCPUWorker"
+    platform = _platform()
+    if platform.is_cpu():
+        return CPU_WORKER
+    if platform.is_cuda():
+        check_model_runner()
+        return GPU_WORKER
+    raise ConfigError(f"vllm-ht's Hidden Transfer runs on vLLM's CPU build and on NVIDIA GPUs (CUDA); this vLLM "
+                      f"runs on {platform.device_name or platform.device_type or 'an unknown platform'}. Serve "
+                      f"without --speculative-model here, or use the CPU build (docker/cpu.Dockerfile).")
 
 
 RAY_ON_CPU = ("vLLM 0.32's CPU platform does not support the Ray executor (plain vLLM refuses it too: "
@@ -105,11 +138,32 @@ def ht_engine_kwargs(model: str, checkpoint: str | None = None, num_nodes: int |
                          f"known: {sorted(HTOptions.__dataclass_fields__)}")
     opts = HTOptions(**fields)
     check_model(model, opts, tensor_parallel_size)
-    return {"speculative_config": {"method": "custom_class", "model": "vllm_ht.vllm.proposer.HTProposer",
-                                   "num_speculative_tokens": opts.max_nodes},
-            "worker_cls": worker_cls(),
-            "hf_overrides": {"architectures": [HT_ARCH]},
-            "additional_config": {KEY: opts.to_dict()}}
+    kwargs = {"speculative_config": {"method": "custom_class", "model": "vllm_ht.vllm.proposer.HTProposer",
+                                     "num_speculative_tokens": opts.max_nodes},
+              "worker_cls": worker_cls(),
+              "hf_overrides": {"architectures": [HT_ARCH]},
+              "additional_config": {KEY: opts.to_dict()}}
+    if _on_cuda():
+        kwargs["attention_config"] = {"backend": HT_ATTENTION}
+    return kwargs
+
+
+def _select_ht_attention(args: argparse.Namespace) -> None:
+    """CUDA: the HT attention backend through --attention-config's backend; another choice is refused."""
+    config = getattr(args, "attention_config", None)
+    given = {"--attention-backend": getattr(args, "attention_backend", None),
+             "--attention-config backend": config.get("backend") if isinstance(config, dict)
+             else getattr(config, "backend", None)}
+    for flag, backend in given.items():
+        name = str(getattr(backend, "name", backend)).upper()
+        if backend is not None and name not in ("AUTO", HT_ATTENTION):
+            sys.exit(f"vllm-ht: Hidden Transfer on CUDA runs its own attention backend (vLLM's {HT_ATTENTION} slot: "
+                     f"TRITON_ATTN plus the tree kernel); drop {flag} {name}.")
+    args.attention_backend = None       # vLLM refuses it next to attention_config.backend
+    if config is None or isinstance(config, dict):
+        args.attention_config = {**(config or {}), "backend": HT_ATTENTION}
+    else:   # the parser's AttentionConfig: a copy (its default object is shared by every parse)
+        args.attention_config = dataclasses.replace(config, backend=HT_ATTENTION)
 
 
 def add_ht_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -151,4 +205,6 @@ def expand_namespace(args: argparse.Namespace) -> None:
     args.worker_cls = kw["worker_cls"]
     args.hf_overrides = {**(getattr(args, "hf_overrides", None) or {}), **kw["hf_overrides"]}
     args.additional_config = {**(getattr(args, "additional_config", None) or {}), **kw["additional_config"]}
+    if "attention_config" in kw:
+        _select_ht_attention(args)
     args.speculative_model = None  # expanded once, even if from_cli_args runs again

@@ -30,6 +30,8 @@ class HTProposer:
         self._anchors: dict[TokenTree, list[int]] = {}     # tree (or a scheduled prefix) -> anchor nodes
         # the lookup source of hybrid trees: vLLM's n-gram matcher, and its measured acceptance
         self.lookup_stats = LookupStats()
+        # why this engine must not draft (the start-up self-check failed, self_check.py), or None
+        self.refusal: str | None = None
         if self.options.test_biased_verifier:
             log.warning("vllm-ht: test_biased_verifier is on: sampled verification is deliberately NOT lossless "
                         "(the negative control of the sampling tests); never serve with it")
@@ -83,7 +85,7 @@ class HTProposer:
 
     def _make_plan(self, batch_size: int, context_tokens: float) -> DraftPlan:
         opts, cfg = self.options, self.ht_config
-        if not opts.pseudo:
+        if not opts.pseudo or self.refusal:
             return no_drafts()
         cap = opts.max_nodes_for_batch(batch_size)
         if opts.num_nodes is None:
@@ -101,7 +103,7 @@ class HTProposer:
         """Lookup nodes per request this step (0: no lookup): fixed by the options, else the policy's
         from the measured lookup acceptance, within the row budget left by the plan's tree."""
         opts = self.options
-        if self.lookup is None:
+        if self.lookup is None or self.refusal:
             return 0
         room = max(0, opts.max_nodes_for_batch(batch_size) - (plan.tree.num_nodes - 1 if plan.drafts else 0))
         if opts.lookup_nodes is not None:
@@ -111,6 +113,11 @@ class HTProposer:
             # (0.87x / 0.67x at batch 4 / 8 in the hybrid benchmark): plain steps
             return 0
         return best_lookup_length(plan, self.lookup_stats, max(batch_size, 1), self.cost, min(room, opts.max_lookup_nodes))
+
+    def refuse(self, reason: str) -> None:
+        """Draft nothing from now on (every step a plain step); cached plans are dropped."""
+        self.refusal = reason
+        self._plans.clear()
 
     def anchor_nodes(self, tree: TokenTree) -> list[int]:
         """Nodes of a scheduled tree that get pseudo rows: the plan's anchors, or for a prefix the

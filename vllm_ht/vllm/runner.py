@@ -32,6 +32,7 @@ from ..tree import TokenTree
 from ..verify import SamplingParams, verify_tree
 from .attention import STEP_KEY
 from .prometheus import publish_source_counts
+from .self_check import run_self_check
 from ..policy import DraftPlan
 from .step import HTStep, row_starts
 
@@ -90,6 +91,7 @@ class HTRunnerMixin:
         self.ht_step_counts: Counter = Counter()      # steps by kind ("plain", "tree", "pseudo", "padded")
         self.ht_source_counts: Counter = Counter()    # draft nodes by source: "<source>_drafted" / "_accepted"
         self.ht_kv_layout: dict = {}                  # the KV layout (and CPU_ATTN ISA) the attention backend uses
+        self.ht_self_check: dict = {}                 # the start-up self-check's report (self_check.py)
 
     def load_model(self, *args, **kwargs):
         super().load_model(*args, **kwargs)
@@ -97,6 +99,34 @@ class HTRunnerMixin:
         # the whole vocabulary matrix, the same cost for 1 row or 20): see _compute_logits.
         self._ht_lm_head = self.model.compute_logits
         self.model.compute_logits = self._compute_logits
+
+    def ht_run_self_check(self) -> None:
+        """The start-up self-check (self_check.py), once the KV cache exists and the model is warm:
+        a failure turns drafting off (plain vLLM) and says which check failed, or stops the engine
+        in strict mode. Under tensor parallelism every rank runs the probe (its forward has
+        collectives) and the first rank's report decides, as for verification."""
+        opts = self.drafter.options
+        if opts.self_check == "off":
+            self.ht_self_check = {"passed": None, "skipped": "self_check is off"}
+            log.warning("vllm-ht: start-up self-check turned off (self_check='off'): drafts are not checked on "
+                        "this platform")
+            return
+        report = self._from_first_rank(run_self_check(self, opts.test_self_check_fault))
+        self.ht_self_check = report.to_dict()
+        if report.passed:
+            log.info("vllm-ht: start-up self-check passed: %s", report.summary())
+            return
+        what = (f"could not run ({report.skipped})" if report.skipped
+                else f"failed {', '.join(report.failed)}: {report.summary()}")
+        if opts.self_check == "strict":
+            raise RuntimeError(f"vllm-ht: the start-up self-check {what}. Hidden Transfer would not be lossless "
+                               f"here, and self_check='strict' was asked for, so the engine stops. Report this "
+                               f"with the log; meanwhile serve without --speculative-model, or with self_check "
+                               f"'on' to serve as plain vLLM.")
+        self.drafter.refuse(f"start-up self-check {what}")
+        log.error("vllm-ht: the start-up self-check %s. HT does not draft in this engine: it serves as plain vLLM "
+                  "(the same tokens, no speedup). Report this with the log; additional_config vllm_ht.self_check"
+                  "='strict' stops the engine instead.", what)
 
     def _compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """vLLM asks for the real rows' logits right after the forward; this step's pseudo rows

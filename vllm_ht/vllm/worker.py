@@ -1,6 +1,7 @@
-"""Workers that install the HT model runner (and, on CPU, the HT attention backend).
+"""The CPU worker that installs the HT model runner and the HT attention backend.
 
-Selected with `--worker-cls` (the `--speculative-model hidden_transfer` alias sets it).
+Selected with `--worker-cls` (the `--speculative-model hidden_transfer` alias sets it on CPU; the
+CUDA worker is gpu_worker.py). Its RPCs (ht_step_counts, ...) are worker_rpc.py's, shared with it.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from vllm.v1.worker.cpu_worker import CPUWorker
 from .attention import cpu_backend_for
 from ..options import HTOptions
 from .runner import HTRunnerMixin
+from .worker_rpc import HTWorkerRPCs
 
 
 class HTCPUModelRunner(HTRunnerMixin, CPUModelRunner):
@@ -22,7 +24,7 @@ class HTCPUModelRunner(HTRunnerMixin, CPUModelRunner):
         self._ht_setup()
 
 
-class HTCPUWorker(CPUWorker):
+class HTCPUWorker(HTWorkerRPCs, CPUWorker):
     def __init__(self, vllm_config, *args, **kwargs):
         # CpuPlatform always picks CPU_ATTN: point that name at the HT backend (the one over
         # CPU_ATTN's own cache layout when this CPU's attention ISA writes a layout we read)
@@ -30,18 +32,6 @@ class HTCPUWorker(CPUWorker):
         requested = HTOptions.from_vllm_config(vllm_config).cpu_cache_layout
         register_backend(AttentionBackendEnum.CPU_ATTN, cpu_backend_for(vllm_config, requested))
         super().__init__(vllm_config, *args, **kwargs)
-
-    def ht_step_counts(self) -> dict:
-        """HT steps by kind so far (collective_rpc("ht_step_counts")): plain, tree, pseudo, tree+pseudo, padded."""
-        return dict(self.model_runner.ht_step_counts)
-
-    def ht_kv_layout(self) -> dict:
-        """The KV cache layout the engine really uses (collective_rpc("ht_kv_layout")): {"layout", "isa"}."""
-        return dict(self.model_runner.ht_kv_layout)
-
-    def ht_source_counts(self) -> dict:
-        """Draft nodes by source so far (collective_rpc("ht_source_counts")): pseudo/lookup _drafted/_accepted."""
-        return dict(self.model_runner.ht_source_counts)
 
     def init_device(self):
         # CPUWorker builds its runner inline from the module global: swap the class in for that call

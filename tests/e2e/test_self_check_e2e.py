@@ -1,0 +1,43 @@
+"""The start-up self-check (vllm_ht/vllm/self_check.py) refuses to speculate where verification
+would not be exact. A fault is injected into the engine's own probe step (test-only option
+`test_self_check_fault`): one wrong bit in a tree mask, or K/V compacted one slot off. The check
+must name it; the engine then serves plain vLLM's tokens with no drafts ("on", the default), or
+stops at start-up ("strict"). That the check passes on a healthy engine is asserted by the
+compiled fp32 and the bf16 e2e tests (test_compiled_e2e.py, test_offline_e2e.py)."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from e2e_helpers import MT_BENCH, run_engine, trained_checkpoint
+
+from vllm_ht.runtime import preload_env
+
+N, TOKENS = 4, 24
+ARGS = ["--limit", str(N), "--max-tokens", str(TOKENS), "--ignore-eos", "--batch-sizes", "1"]
+
+
+def test_a_wrong_mask_bit_turns_drafting_off_and_serves_plain_tokens(model_dir, tmp_path):
+    plain = run_engine(model_dir, tmp_path / "plain.json", *ARGS)
+    ht = run_engine(model_dir, tmp_path / "ht.json", "--method", "ht", "--checkpoint", str(trained_checkpoint()),
+                    "--num-nodes", "8", "--ht-options", json.dumps({"test_self_check_fault": "mask"}), *ARGS)
+    check = ht["self_check"]
+    failed = [c["name"] for c in check["checks"] if not c["ok"]]
+    assert check["passed"] is False and failed == ["tree"], check     # only the mask fault, and it is named
+    run = ht["runs"]["1"]
+    assert run["num_drafts"] == 0, run                                # a forced 8-node tree, yet no drafts
+    assert not {"tree", "pseudo"} & set(run["step_kinds"]), run["step_kinds"]
+    assert run["outputs"] == plain["runs"]["1"]["outputs"]
+
+
+@pytest.mark.parametrize("fault, check", [("compact", "compact")])
+def test_strict_mode_stops_the_engine_and_names_the_check(model_dir, tmp_path, fault, check):
+    cmd = [sys.executable, "-m", "vllm_ht.tools.offline", "--model", str(model_dir), "--prompts", str(MT_BENCH),
+           "--dtype", "float32", "--enforce-eager", "--out", str(tmp_path / "x.json"), "--method", "ht",
+           "--checkpoint", str(trained_checkpoint()), *ARGS,
+           "--ht-options", json.dumps({"self_check": "strict", "test_self_check_fault": fault})]
+    env = {**preload_env(os.environ), "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=390, env=env)
+    assert proc.returncode != 0 and not (tmp_path / "x.json").exists()
+    assert f"self-check failed {check}" in proc.stderr and "self_check='strict'" in proc.stderr, proc.stderr[-3000:]
