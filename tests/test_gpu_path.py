@@ -214,6 +214,16 @@ def test_builder_returns_ht_metadata_with_tritons_inside():
     assert md.native.block_table.tolist() == [[4, 0], [2, 7]]
 
 
+def test_builder_takes_the_real_row_count_under_padding():
+    """vLLM's GPU runner pads 4 rows to a capture size of 8 and says num_actual_tokens=8; HT's rows
+    are the requests' 4 (padding rows must never be read as real ones)."""
+    common = _two_requests()
+    padded = CommonAttentionMetadata(**{**vars(common), "num_actual_tokens": 8,
+                                        "slot_mapping": torch.cat([common.slot_mapping, torch.full((4,), -1)])})
+    md = _builder().build(0, padded)
+    assert md.num_actual_tokens == 4 and md.causal_bits.shape[0] == 4
+
+
 def test_impl_sends_causal_steps_and_cache_writes_to_triton(monkeypatch):
     calls = []
     monkeypatch.setattr(TritonAttentionImpl, "forward", lambda self, layer, q, k, v, cache, md, out, *a: calls.append(

@@ -25,7 +25,8 @@ def engine_kwargs(args) -> dict:
                                 row_budget=args.row_budget, pseudo_nodes=args.pseudo_nodes,
                                 tensor_parallel_size=args.tensor_parallel_size,
                                 cpu_cache_layout=None if args.cpu_cache_layout == "auto" else args.cpu_cache_layout,
-                                options=json.loads(args.ht_options) if args.ht_options else None)
+                                options=json.loads(args.ht_options) if args.ht_options else None,
+                                ) | ({"worker_cls": args.worker_cls} if args.worker_cls else {})
     if args.method == "ngram":
         return {"speculative_config": {"method": "ngram", "num_speculative_tokens": 3,
                                        "prompt_lookup_max": 3, "prompt_lookup_min": 1}}
@@ -215,6 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
                                             "entry i %% len (overrides the flags above)")
     p.add_argument("--enforce-eager", action="store_true")
     p.add_argument("--tensor-parallel-size", type=int, default=1)
+    p.add_argument("--worker-cls", help="(tests) a worker class in place of HT's, e.g. one whose runner pads batches")
     p.add_argument("--out", required=True)
     return p
 

@@ -50,7 +50,7 @@ def current_step() -> HTStep | None:
 
 @dataclass
 class HTAttentionMetadata:
-    num_actual_tokens: int
+    num_actual_tokens: int          # real rows (not vLLM's padded count): the requests' windows
     max_query_len: int
     query_start_loc: torch.Tensor   # [B + 1] int32
     seq_lens: torch.Tensor          # [B] int32, this step's rows included
@@ -87,8 +87,11 @@ def build_metadata(common) -> HTAttentionMetadata:
     seq_lens = common.seq_lens.to(torch.int32)
     q_lens = (qsl[1:] - qsl[:-1])
     n = common.num_reqs
+    # vLLM's GPU runner pads the token count to a CUDA-graph size and passes the padded count as
+    # num_actual_tokens; the real rows are the requests' windows, qsl[n] (padding rows come after
+    # them, with slot -1, and are never attended from)
     return HTAttentionMetadata(
-        num_actual_tokens=common.num_actual_tokens, max_query_len=common.max_query_len,
+        num_actual_tokens=int(qsl[n]), max_query_len=common.max_query_len,
         query_start_loc=common.query_start_loc[: n + 1].to(torch.int32), seq_lens=seq_lens[:n],
         context_lens=(seq_lens[:n].cpu() - q_lens[:n]).to(seq_lens.device),
         block_table=common.block_table_tensor[:n], slot_mapping=common.slot_mapping[: common.num_actual_tokens],
