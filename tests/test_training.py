@@ -112,3 +112,26 @@ def test_resume_equals_uninterrupted(tiny_model, tiny_data, tmp_path):
     assert torch.equal(resumed.medusa.weight, full.medusa.weight)
     assert not torch.equal(full.projections.weight, TransferProjections(full.ht_config).weight)  # it learned
     assert (tmp_path / "full" / "config.json").is_file() and (tmp_path / "full" / "projections.safetensors").is_file()
+
+
+def test_learning_curve_evaluates_every_snapshot_once(tiny_model, tiny_data, tmp_path, monkeypatch):
+    """Snapshots at every save (steps 2 and 4) -> one curve row each, with the anchors seen; the
+    row of the last snapshot equals evaluating the final projections; a second call evaluates nothing."""
+    import json
+
+    import vllm_ht.training.curve as curve
+    from vllm_ht.training.evaluate import evaluate, ht_drafter
+
+    trainer = _trainer(tiny_model, tiny_data, tmp_path / "run", 4)
+    trainer.run(progress=False)
+    bb = Backbone(tiny_model)
+    held_out = load_sequences(str(tiny_data), 64)[:4]
+    rows = curve.learning_curve(bb, tmp_path / "run", held_out, progress=False)
+    assert [(r["step"], r["anchors_seen"]) for r in rows] == [(2, 2 * 4 * 5), (4, 4 * 4 * 5)]
+    final = evaluate(bb, trainer.ht_config, {"ht": ht_drafter(bb, trainer.projections, trainer.ht_config)},
+                     held_out, progress=False)["ht"]
+    assert rows[-1]["top1"] == [round(final.topr(d, 1), 4) for d in (1, 2)]
+    assert json.loads((tmp_path / "run" / curve.CURVE_FILE).read_text()) == rows
+    monkeypatch.setattr(curve, "evaluate", lambda *a, **k: (_ for _ in ()).throw(AssertionError("re-evaluated")))
+    assert curve.learning_curve(bb, tmp_path / "run", held_out, progress=False) == rows
+    assert curve.plot_learning_curve(rows, tmp_path / "curve.png").stat().st_size > 1000

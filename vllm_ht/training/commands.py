@@ -60,6 +60,9 @@ def add_parsers(sub, model_dir_help: str) -> None:
     e.add_argument("--out", help="folder for the JSON + PNG (default: the checkpoint folder or ./eval)")
     e.add_argument("--first-tokens", type=int, metavar="N",
                    help="also report on the first N response tokens only (what a run of N-token answers decodes)")
+    e.add_argument("--curve", metavar="RUN",
+                   help="a training run's folder: held-out top-1 per depth of each saved snapshot against anchors "
+                        "seen (RUN/learning_curve.json + .png; snapshots evaluated before are reused)")
     e.add_argument("--json", action="store_true")
 
 
@@ -142,7 +145,7 @@ def eval_command(args: argparse.Namespace, model: str) -> int:
     from .plots import plot_depth_accuracy, plot_layer_sweep
     from .train import MEDUSA_FILE
 
-    out = Path(args.out or args.checkpoint or "eval")
+    out = Path(args.out or args.checkpoint or args.curve or "eval")
     out.mkdir(parents=True, exist_ok=True)
     if args.sweep_layers:
         rows = _sweep(args, model, out)
@@ -155,6 +158,16 @@ def eval_command(args: argparse.Namespace, model: str) -> int:
         return 0
     m = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval().requires_grad_(False)
     bb = Backbone(m)
+    if args.curve:
+        from .curve import learning_curve, plot_learning_curve
+
+        run = Path(args.curve)
+        rows = learning_curve(bb, run, load_sequences(args.data or _default_data(model, "mtbench.jsonl"), 640)[: args.limit])
+        print("step  anchors    " + "  ".join(f"top1@{d + 1}" for d in range(len(rows[0]["top1"]) if rows else 0)))
+        for r in rows:
+            print(f"{r['step']:5d}  {r['anchors_seen']:8d}  " + "  ".join(f"{a:.3f} " for a in r["top1"]))
+        print(plot_learning_curve(rows, run / "learning_curve.png"))
+        return 0
     if args.checkpoint:
         cfg, proj = load_checkpoint(args.checkpoint)
         cfg.check_model(m.config)

@@ -1,0 +1,58 @@
+"""The learning curve of a training run: held-out top-1 per depth against anchors seen.
+
+`vllm-ht train` saves the projections at every `--save-every` step (`<run>/snapshots/step_N.pt`,
+train.py); `vllm-ht eval-drafts --curve RUN` evaluates each snapshot on the held-out set and writes
+`<run>/learning_curve.json` and `.png`. Snapshots evaluated before are read back from the JSON, so
+a curve of a running (or resumed) training grows by the new snapshots only.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from ..config import HiddenTransferConfig
+from ..projections import TransferProjections
+from .evaluate import evaluate, ht_drafter
+from .train import SNAPSHOT_DIR, STATE_FILE
+
+CURVE_FILE = "learning_curve.json"
+
+
+def run_config(run: Path, model_config) -> HiddenTransferConfig:
+    """The HT config of a run (k, transfer layers, bias) from its state.pt, for this model."""
+    cfg = torch.load(run / STATE_FILE, weights_only=False)["cfg"]
+    return HiddenTransferConfig.for_model(model_config, num_steps=cfg["num_steps"],
+                                          transfer_layers=cfg["transfer_layers"], bias=cfg["bias"])
+
+
+def learning_curve(bb, run: Path, seqs: list, progress: bool = True) -> list[dict]:
+    """One row per snapshot, in step order: {"step", "anchors_seen", "top1": [per depth], "top5"}."""
+    path = run / CURVE_FILE
+    done = {row["step"]: row for row in json.loads(path.read_text())} if path.is_file() else {}
+    config = run_config(run, bb.model.config)
+    for snap in sorted((run / SNAPSHOT_DIR).glob("step_*.pt")):
+        state = torch.load(snap, weights_only=False)
+        if state["step"] in done:
+            continue
+        projections = TransferProjections(config)
+        projections.load_state_dict(state["projections"])
+        res = evaluate(bb, config, {"ht": ht_drafter(bb, projections, config)}, seqs, progress=progress)["ht"]
+        depths = range(1, res.num_steps + 1)
+        done[state["step"]] = {"step": state["step"], "anchors_seen": state["anchors_seen"],
+                               "top1": [round(res.topr(d, 1), 4) for d in depths],
+                               "top5": [round(res.topr(d, 5), 4) for d in depths]}
+        path.write_text(json.dumps([done[s] for s in sorted(done)], indent=1) + "\n")   # after every snapshot
+    return [done[s] for s in sorted(done)]
+
+
+def plot_learning_curve(rows: list[dict], path: Path) -> Path:
+    from .plots import plt, _save
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    anchors = [r["anchors_seen"] for r in rows]
+    for d in range(len(rows[0]["top1"]) if rows else 0):
+        ax.plot(anchors, [r["top1"][d] for r in rows], marker="o", label=f"depth {d + 1} top-1")
+    ax.set_xscale("log")
+    return _save(fig, ax, "anchors seen in training", "top-1 on held-out responses", path)
