@@ -331,3 +331,18 @@ def test_serve_flags_select_the_ht_backend_on_cuda(monkeypatch, llama_dir):
     args.attention_backend = "FLASH_ATTN"
     with pytest.raises(SystemExit, match="drop --attention-backend FLASH_ATTN"):
         engine_args.expand_namespace(args)
+
+
+def test_gpu_worker_runs_the_self_check_once_before_vllm_arms_its_jit_monitor(monkeypatch):
+    """The probe compiles HT's Triton kernels: it must run before vLLM starts warning (or failing) on
+    unexpected compilations, once, and the worker answers the ht_self_check RPC."""
+    calls = []
+    monkeypatch.setattr(Worker, "_maybe_activate_jit_monitor", lambda self: calls.append("monitor"))
+    worker = HTGPUWorker.__new__(HTGPUWorker)
+    runner = SimpleNamespace(ht_self_check={})
+    runner.ht_run_self_check = lambda: (calls.append("self-check"), runner.ht_self_check.update(passed=True))
+    worker.model_runner = runner
+    worker._maybe_activate_jit_monitor()
+    worker.ht_self_check_once()                     # compile_or_warm_up_model's call after it: no second probe
+    assert calls == ["self-check", "monitor"]
+    assert worker.ht_self_check() == {"passed": True}

@@ -131,7 +131,20 @@ def test_learning_curve_evaluates_every_snapshot_once(tiny_model, tiny_data, tmp
     final = evaluate(bb, trainer.ht_config, {"ht": ht_drafter(bb, trainer.projections, trainer.ht_config)},
                      held_out, progress=False)["ht"]
     assert rows[-1]["top1"] == [round(final.topr(d, 1), 4) for d in (1, 2)]
-    assert json.loads((tmp_path / "run" / curve.CURVE_FILE).read_text()) == rows
+    assert json.loads((tmp_path / "run" / curve.CURVE_FILE).read_text())["rows"] == rows
     monkeypatch.setattr(curve, "evaluate", lambda *a, **k: (_ for _ in ()).throw(AssertionError("re-evaluated")))
     assert curve.learning_curve(bb, tmp_path / "run", held_out, progress=False) == rows
     assert curve.plot_learning_curve(rows, tmp_path / "curve.png").stat().st_size > 1000
+
+
+def test_a_resumed_run_keeps_one_history_line_per_step(tiny_model, tiny_data, tmp_path):
+    import json
+
+    part = _trainer(tiny_model, tiny_data, tmp_path / "run", 4)
+    part.cfg.steps = 2                      # saved at step 2; then step 3 ran and the process died
+    part.run(progress=False)
+    with open(tmp_path / "run" / "history.jsonl", "a") as f:
+        f.write(json.dumps({"step": 3, "loss": 0.0}) + "\n")
+    _trainer(tiny_model, tiny_data, tmp_path / "run", 4).run(progress=False)   # resumes at 2
+    steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "history.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]

@@ -20,7 +20,7 @@ def test_every_module_importing_vllm_is_gated():
     import re
 
     hooks = (r"(runner|attention|worker|model|transfer|lookup|proposer|step|engine_args|launcher|plugin|"
-             r"gpu_worker|gpu_attention)\b")
+             r"gpu_worker|gpu_attention|self_check|worker_rpc)\b")
     pattern = re.compile(r"^\s*(from|import) (vllm\b|vllm_ht\.vllm\." + hooks + r"|vllm_ht\.vllm import " + hooks + ")",
                          re.M)
     for path in TESTS.rglob("test_*.py"):

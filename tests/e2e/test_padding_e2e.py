@@ -1,7 +1,9 @@
 """The two GPU-only hazards, reached through vLLM's CPU build (tests/e2e/padded_worker.py):
 
-  padding     vLLM's GPU runner pads token counts to CUDA-graph capture sizes; the padded rows
-              must never be read as real rows (the real count comes from the attention metadata);
+  padding     vLLM's GPU runner pads token counts to CUDA-graph capture sizes; the padded input
+              rows must never be read as real rows, and pseudo rows go after them (the padded
+              attention metadata of full graphs, which HT declines, is covered by a unit test in
+              tests/test_gpu_path.py);
   positions   tree positions (root + depth) must be written into the runner's persistent
               positions buffer, which captured graphs read, never into a copy.
 

@@ -3,10 +3,11 @@
 `vllm-ht train` saves the projections at every `--save-every` step (`<run>/snapshots/step_N.pt`,
 train.py); `vllm-ht eval-drafts --curve RUN` evaluates each snapshot on the held-out set and writes
 `<run>/learning_curve.json` and `.png`. Snapshots evaluated before are read back from the JSON, so
-a curve of a running (or resumed) training grows by the new snapshots only.
+a curve of a running (or resumed) training grows by the new snapshots only (for the same held-out set).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -30,7 +31,9 @@ def run_config(run: Path, model_config) -> HiddenTransferConfig:
 def learning_curve(bb, run: Path, seqs: list, progress: bool = True) -> list[dict]:
     """One row per snapshot, in step order: {"step", "anchors_seen", "top1": [per depth], "top5"}."""
     path = run / CURVE_FILE
-    done = {row["step"]: row for row in json.loads(path.read_text())} if path.is_file() else {}
+    key = hashlib.sha1(json.dumps([s.ids for s in seqs]).encode()).hexdigest()   # which held-out set
+    saved = json.loads(path.read_text()) if path.is_file() else {}
+    done = {row["step"]: row for row in saved.get("rows", [])} if saved.get("key") == key else {}
     config = run_config(run, bb.model.config)
     for snap in sorted((run / SNAPSHOT_DIR).glob("step_*.pt")):
         state = torch.load(snap, weights_only=False)
@@ -43,7 +46,8 @@ def learning_curve(bb, run: Path, seqs: list, progress: bool = True) -> list[dic
         done[state["step"]] = {"step": state["step"], "anchors_seen": state["anchors_seen"],
                                "top1": [round(res.topr(d, 1), 4) for d in depths],
                                "top5": [round(res.topr(d, 5), 4) for d in depths]}
-        path.write_text(json.dumps([done[s] for s in sorted(done)], indent=1) + "\n")   # after every snapshot
+        rows = [done[s] for s in sorted(done)]
+        path.write_text(json.dumps({"key": key, "rows": rows}) + "\n")      # after every snapshot
     return [done[s] for s in sorted(done)]
 
 

@@ -151,6 +151,17 @@ class Trainer:
             self.medusa.load_state_dict(state["medusa"])
         return True
 
+    def _trim_history(self) -> None:
+        """Drop history lines past the step this run starts from (a resumed run redoes them), and
+        snapshots too (a run started afresh in an old folder)."""
+        path = self.out / HISTORY_FILE
+        if path.is_file():
+            keep = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= self.step]
+            path.write_text("".join(line + "\n" for line in keep))
+        for snap in (self.out / SNAPSHOT_DIR).glob("step_*.pt"):
+            if int(snap.stem.split("_")[1]) > self.step:
+                snap.unlink()
+
     def export(self, provenance: dict) -> Path:
         """Write the checkpoint folder (config.json + projections.safetensors [+ medusa])."""
         self.ht_config.provenance = provenance
@@ -164,6 +175,7 @@ class Trainer:
             log.info("resumed at step %d from %s", self.step, self.out / STATE_FILE)
         start, t0 = self.step, time.perf_counter()
         self.out.mkdir(parents=True, exist_ok=True)
+        self._trim_history()
         bar = tqdm(total=self.cfg.steps, initial=self.step, desc="train", disable=not progress)
         history = []
         while self.step < self.cfg.steps:

@@ -87,9 +87,9 @@ def build_metadata(common) -> HTAttentionMetadata:
     seq_lens = common.seq_lens.to(torch.int32)
     q_lens = (qsl[1:] - qsl[:-1])
     n = common.num_reqs
-    # vLLM's GPU runner pads the token count to a CUDA-graph size and passes the padded count as
-    # num_actual_tokens; the real rows are the requests' windows, qsl[n] (padding rows come after
-    # them, with slot -1, and are never attended from)
+    # the real rows are the requests' windows, qsl[n]; vLLM's GPU runner passes a padded
+    # num_actual_tokens when it pads the attention metadata (full CUDA graphs, which HT declines),
+    # so HT reads the count from the windows and never from the padded figure
     return HTAttentionMetadata(
         num_actual_tokens=int(qsl[n]), max_query_len=common.max_query_len,
         query_start_loc=common.query_start_loc[: n + 1].to(torch.int32), seq_lens=seq_lens[:n],

@@ -54,7 +54,6 @@ class HTTritonMetadataBuilder(TritonAttentionMetadataBuilder):
     """Ours plus TRITON_ATTN's own (`.native`: causal steps run vLLM's kernel)."""
 
     _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.NEVER
-    supports_draft_decode_metadata_update = False   # for vLLM's draft models; HT drafts in the runner
 
     @classmethod
     def get_cudagraph_support(cls, vllm_config, kv_cache_spec) -> AttentionCGSupport:
@@ -89,7 +88,7 @@ class HTTritonAttentionImpl(HTAttentionImpl, TritonAttentionImpl):
         TritonAttentionImpl.do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping)
 
     def _native_forward(self, layer, query, kv_cache, md: TritonAttentionMetadata, output, t: int):
-        """vLLM's unified attention over this step's first `t` rows (md.num_actual_tokens == t)."""
+        """vLLM's unified attention over this step's real rows (it reads its own metadata's counts)."""
         return TritonAttentionImpl.forward(self, layer, query, None, None, kv_cache, md, output)
 
 

@@ -119,6 +119,12 @@ class HTGPUWorker(HTWorkerRPCs, Worker):
         check_attention_backend(vllm_config.attention_config)
         super().__init__(vllm_config, *args, **kwargs)
 
+    def _maybe_activate_jit_monitor(self) -> None:
+        # vLLM's warm-up ends by arming its monitor of unexpected Triton compilations: the
+        # self-check (which also compiles HT's kernels) runs just before it
+        self.ht_self_check_once()
+        super()._maybe_activate_jit_monitor()
+
     def _make_model_runner(self) -> HTGPUModelRunner:
         if self.use_v2_model_runner:
             raise ConfigError(V2_RUNNER_UNSUPPORTED)

@@ -32,7 +32,7 @@ from ..tree import TokenTree
 from ..verify import SamplingParams, verify_tree
 from .attention import STEP_KEY
 from .prometheus import publish_source_counts
-from .self_check import run_self_check
+from .self_check import SelfCheckReport, run_self_check
 from ..policy import DraftPlan
 from .step import HTStep, row_starts
 
@@ -104,14 +104,24 @@ class HTRunnerMixin:
         """The start-up self-check (self_check.py), once the KV cache exists and the model is warm:
         a failure turns drafting off (plain vLLM) and says which check failed, or stops the engine
         in strict mode. Under tensor parallelism every rank runs the probe (its forward has
-        collectives) and the first rank's report decides, as for verification."""
+        collectives) and a check fails if it failed on any rank."""
         opts = self.drafter.options
         if opts.self_check == "off":
             self.ht_self_check = {"passed": None, "skipped": "self_check is off"}
             log.warning("vllm-ht: start-up self-check turned off (self_check='off'): drafts are not checked on "
                         "this platform")
             return
-        report = self._from_first_rank(run_self_check(self, opts.test_self_check_fault))
+        report = run_self_check(self, opts.test_self_check_fault)
+        group = self._ht_tp_group
+        if group is not None:          # each rank compacted its own KV shard: a failure on any rank counts
+            reports = [None] * group.world_size
+            exception, report.exception = report.exception, None      # the exception stays on its rank
+            torch.distributed.all_gather_object(reports, report, group=group.cpu_group)
+            report = SelfCheckReport.merge(reports)
+            report.exception = exception
+        if report.exception is not None and opts.self_check == "strict":
+            raise RuntimeError("vllm-ht: the start-up self-check raised inside HT's own step and "
+                               "self_check='strict' was asked for") from report.exception
         self.ht_self_check = report.to_dict()
         if report.passed:
             log.info("vllm-ht: start-up self-check passed: %s", report.summary())

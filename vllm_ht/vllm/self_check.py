@@ -2,7 +2,7 @@
 
 Drafts are lossless only if verification reads the right numbers, and on a platform the project
 cannot run end to end (vLLM's CUDA build) that is guarded here, where the user runs it. The probe
-uses the engine's own model (compiled as served), attention backend, metadata builder, KV cache
+uses the engine's own model (compiled as served on CPU; on CUDA without graphs), attention backend, metadata builder, KV cache
 and compaction kernel, on a few free blocks of the freshly allocated cache, and checks:
 
   tree     each tree row's logits equal a causal pass over its root-to-node path (the tree
@@ -16,7 +16,11 @@ different row counts, so their matmuls round differently. A wrong mask bit moves
 by far more (measured by the fault-injection test, tests/e2e/test_self_check_e2e.py).
 
 When a check fails, the runner's drafter refuses to draft (the engine serves as plain vLLM) and
-the log names the check; with `self_check="strict"` the engine stops instead.
+the log names the check; with `self_check="strict"` the engine stops instead. An exception inside
+the probe (a kernel that does not compile, a shape error) is a failed check named "error".
+
+Not covered: CUDA graph replay. The probe's forwards run without graphs (the forward context's
+default mode); HT steps that replay vLLM's piecewise graphs are checked only in pieces on CPU.
 
 Words: the probe's *prompt* is PROMPT_LEN fixed token ids; its *tree* is TREE's paths below a
 root token; a *request* here is one row range of the probe's forward with its own blocks.
@@ -63,6 +67,7 @@ class SelfCheckReport:
     checks: list[Check] = field(default_factory=list)
     seconds: float = 0.0
     skipped: str | None = None       # why the probe did not run (then nothing is claimed)
+    exception: BaseException | None = field(default=None, repr=False)   # what the "error" check caught
 
     @property
     def passed(self) -> bool:
@@ -83,6 +88,23 @@ class SelfCheckReport:
     def to_dict(self) -> dict:
         return {"passed": self.passed, "skipped": self.skipped, "seconds": self.seconds,
                 "checks": [vars(c) for c in self.checks]}
+
+    @staticmethod
+    def merge(reports: list["SelfCheckReport"]) -> "SelfCheckReport":
+        """Every tensor-parallel rank's report -> one: a check fails if it failed on any rank (each
+        rank compacts its own KV shard), with the largest error."""
+        first = reports[0]
+        out = SelfCheckReport(seconds=max(r.seconds for r in reports),
+                              skipped=next((r.skipped for r in reports if r.skipped), None))
+        names = list(dict.fromkeys(c.name for r in reports for c in r.checks))
+        for name in names:
+            mine = [c for r in reports for c in r.checks if c.name == name]
+            errors = [c.error for c in mine if c.error is not None]
+            bad = [c for c in mine if not c.ok]
+            out.checks.append(Check(name, not bad, max(errors) if errors else None, mine[0].tolerance,
+                                    bad[0].detail if bad else ""))
+        out.exception = first.exception
+        return out
 
 
 @dataclass
@@ -109,6 +131,9 @@ class _Probe:
         self.device = runner.device
         self.dtype = runner.model_config.dtype
         self.num_blocks = self.kv[0].shape[0]
+        self.max_rows = runner.max_num_tokens
+        if PROMPT_LEN + 2 * len(TREE) + 2 > self.max_rows:
+            raise _Skip(f"max_num_batched_tokens {self.max_rows} is below the probe's step")
         self.next_block = 1              # block 0 is vLLM's null block
         self.used: list[int] = []
 
@@ -120,6 +145,18 @@ class _Probe:
         self.next_block += n
         self.used += ids
         return ids
+
+    def batches(self, reqs: list[_Request]) -> list[list[_Request]]:
+        """Requests in forwards of at most the engine's max_num_batched_tokens rows (the row ranges
+        the compiled model exists for; CUDA's piecewise backend asserts on larger ones)."""
+        out, rows = [[]], 0
+        for q in reqs:
+            if out[-1] and rows + len(q.tokens) > self.max_rows:
+                out.append([])
+                rows = 0
+            out[-1].append(q)
+            rows += len(q.tokens)
+        return out
 
     def slots(self, req: _Request, rows: range) -> list[int]:
         return [req.blocks[p // self.block_size] * self.block_size + p % self.block_size for p in rows]
@@ -185,18 +222,24 @@ def run_self_check(runner, fault: str | None = None) -> SelfCheckReport:
             _checks(probe, report)
     except _Skip as e:
         report.skipped = str(e)
+    except Exception as e:  # noqa: BLE001 - an error in HT's own step is a failed check, not a dead engine
+        report.checks.append(Check("error", False, detail=f"{type(e).__name__}: {e}"))
+        report.exception = e
     finally:
         probe.release()
         report.seconds = time.perf_counter() - start
+    if report.exception is not None and probe.device.type == "cuda":
+        torch.cuda.synchronize()         # a CUDA error that poisoned the context raises here: stop
     return report
 
 
 def _checks(probe: _Probe, report: SelfCheckReport) -> None:
     vocab = probe.runner.model_config.get_vocab_size()
     gen = torch.Generator().manual_seed(1234)
-    prompt = torch.randint(100, min(vocab, 30000), (PROMPT_LEN,), generator=gen).tolist()
+    low, high = min(100, vocab // 4), min(vocab, 30000)         # ordinary tokens, clear of the special ones
+    prompt = torch.randint(low, high, (PROMPT_LEN,), generator=gen).tolist()
     tree = TokenTree.from_paths(TREE)
-    tokens = torch.randint(100, min(vocab, 30000), (tree.num_nodes,), generator=gen).tolist()
+    tokens = torch.randint(low, high, (tree.num_nodes,), generator=gen).tolist()
     tol = TOLERANCE.get(probe.dtype, 0.3)
 
     # the prompt, prefilled causally; then the tree step over its cached K/V
@@ -213,9 +256,9 @@ def _checks(probe: _Probe, report: SelfCheckReport) -> None:
     paths = [tree.path_to(n) for n in range(tree.num_nodes)]
     reqs = [_Request(prompt + [tokens[a] for a in path], list(range(PROMPT_LEN + len(path))), 0,
                      probe.blocks_for(PROMPT_LEN + len(path))) for path in paths]
-    oracle, _, _ = probe.forward(reqs, None)
-    ends = torch.tensor([len(q.tokens) for q in reqs]).cumsum(0) - 1
-    err = _error(tree_logits, oracle[ends])
+    oracle = torch.cat([probe.forward(chunk, None)[0][torch.tensor([len(q.tokens) for q in chunk]).cumsum(0) - 1]
+                        for chunk in probe.batches(reqs)])
+    err = _error(tree_logits, oracle)
     report.checks.append(Check("tree", err <= tol, err, tol, "" if err <= tol else
                                "tree rows differ from causal passes over their paths (tree mask or positions)"))
 

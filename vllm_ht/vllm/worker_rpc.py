@@ -12,8 +12,14 @@ class HTWorkerRPCs:
 
     def compile_or_warm_up_model(self, *args, **kwargs):
         out = super().compile_or_warm_up_model(*args, **kwargs)
-        self.model_runner.ht_run_self_check()          # vllm_ht/vllm/self_check.py
+        self.ht_self_check_once()
         return out
+
+    def ht_self_check_once(self) -> None:
+        """The start-up self-check (vllm_ht/vllm/self_check.py), once: its probe writes KV blocks that
+        only a cache no request holds yet may lend it (a later warm-up, e.g. elastic scaling, skips it)."""
+        if not self.model_runner.ht_self_check:
+            self.model_runner.ht_run_self_check()
 
     def ht_self_check(self) -> dict:
         """The start-up self-check's report (collective_rpc("ht_self_check")): passed, checks, seconds."""
