@@ -51,6 +51,7 @@ def test_ht_tp2_identical_to_plain_tp1(ht_tp2, plain_tp1):
 
 
 def test_ht_tp2_accepts_drafts(ht_tp2):
+    assert ht_tp2["self_check"]["passed"] is True, ht_tp2["self_check"]   # both ranks' probes, merged
     for bs in ("1", "5"):
         run = ht_tp2["runs"][bs]
         assert run["num_drafts"] > 0, f"batch {bs}: no trees were verified"
