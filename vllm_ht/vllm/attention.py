@@ -87,13 +87,14 @@ def build_metadata(common) -> HTAttentionMetadata:
     seq_lens = common.seq_lens.to(torch.int32)
     q_lens = (qsl[1:] - qsl[:-1])
     n = common.num_reqs
+    qsl_dev = common.query_start_loc[: n + 1].to(torch.int32)
     # the real rows are the requests' windows, qsl[n]; vLLM's GPU runner passes a padded
     # num_actual_tokens when it pads the attention metadata (full CUDA graphs, which HT declines),
     # so HT reads the count from the windows and never from the padded figure
     return HTAttentionMetadata(
         num_actual_tokens=int(qsl[n]), max_query_len=common.max_query_len,
-        query_start_loc=common.query_start_loc[: n + 1].to(torch.int32), seq_lens=seq_lens[:n],
-        context_lens=(seq_lens[:n].cpu() - q_lens[:n]).to(seq_lens.device),
+        query_start_loc=qsl_dev, seq_lens=seq_lens[:n],
+        context_lens=seq_lens[:n] - qsl_dev.diff(),          # on the device: no host sync on CUDA
         block_table=common.block_table_tensor[:n], slot_mapping=common.slot_mapping[: common.num_actual_tokens],
         causal_bits=pack_blocks(causal_blocks(q_lens[:n].tolist())).to(seq_lens.device))
 
