@@ -57,6 +57,18 @@ calibrate: install
 step-cost: model
 	$(PY) benchmarks/step_cost.py --dtype $(DTYPE) --json benchmarks/results/step_cost.json
 
+# the long training run (issue 15): self-distilled data, 3,000 steps x 512 anchors with a real-pass cache,
+# the learning curve. Every stage resumes where it stopped; state under ~/.cache/vllm_ht (not the repo).
+RUN ?= $(HOME)/.cache/vllm_ht/runs/smollm2-k3-l15-long
+.PHONY: train
+train: model
+	$(HT) make-data --eval --max-tokens 256
+	$(HT) make-data --num 6000 --max-tokens 256
+	$(HT) train --out $(RUN) --num-steps 3 --transfer-layers 15 --steps 3000 --batch-size 8 --anchors 64 \
+	  --max-len 384 --lr 3e-3 --warmup 100 --medusa --save-every 100 --eval-limit 40 \
+	  --real-cache $(HOME)/.cache/vllm_ht/real_cache/l15 --real-cache-dtype bfloat16
+	$(HT) eval-drafts --curve $(RUN) --limit 40
+
 # the GPU device check (docs/gpu.md) rehearsed here: every stage on the CPU at tiny shapes
 .PHONY: device-check
 device-check: install
