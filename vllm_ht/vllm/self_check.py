@@ -146,12 +146,15 @@ class _Probe:
         self.used += ids
         return ids
 
-    def batches(self, reqs: list[_Request]) -> list[list[_Request]]:
-        """Requests in forwards of at most the engine's max_num_batched_tokens rows (the row ranges
-        the compiled model exists for; CUDA's piecewise backend asserts on larger ones)."""
+    def free_blocks(self) -> int:
+        return self.num_blocks - self.next_block
+
+    def batches(self, reqs: list[_Request], most: int) -> list[list[_Request]]:
+        """Requests in forwards of at most `most` requests and the engine's max_num_batched_tokens rows
+        (the row ranges the compiled model exists for; CUDA's piecewise backend asserts on larger ones)."""
         out, rows = [[]], 0
         for q in reqs:
-            if out[-1] and rows + len(q.tokens) > self.max_rows:
+            if out[-1] and (rows + len(q.tokens) > self.max_rows or len(out[-1]) >= most):
                 out.append([])
                 rows = 0
             out[-1].append(q)
@@ -253,11 +256,20 @@ def _checks(probe: _Probe, report: SelfCheckReport) -> None:
     tree_logits, md, table = probe.forward([tree_req], step)
 
     # tree oracle: each root-to-node path as its own causal request, prompt included
+    # (as many paths per forward as free blocks allow: a small KV cache runs them one at a time,
+    # every forward reusing the same blocks)
     paths = [tree.path_to(n) for n in range(tree.num_nodes)]
-    reqs = [_Request(prompt + [tokens[a] for a in path], list(range(PROMPT_LEN + len(path))), 0,
-                     probe.blocks_for(PROMPT_LEN + len(path))) for path in paths]
-    oracle = torch.cat([probe.forward(chunk, None)[0][torch.tensor([len(q.tokens) for q in chunk]).cumsum(0) - 1]
-                        for chunk in probe.batches(reqs)])
+    longest = PROMPT_LEN + tree.max_depth + 1
+    per_path = -(-longest // probe.block_size)
+    lanes = [probe.blocks_for(longest) for _ in range(max(1, min(len(paths), probe.free_blocks() // per_path)))]
+    reqs = [_Request(prompt + [tokens[a] for a in path], list(range(PROMPT_LEN + len(path))), 0, [])
+            for path in paths]
+    outs = []
+    for chunk in probe.batches(reqs, len(lanes)):
+        for q, blocks in zip(chunk, lanes):
+            q.blocks = blocks
+        outs.append(probe.forward(chunk, None)[0][torch.tensor([len(q.tokens) for q in chunk]).cumsum(0) - 1])
+    oracle = torch.cat(outs)
     err = _error(tree_logits, oracle)
     report.checks.append(Check("tree", err <= tol, err, tol, "" if err <= tol else
                                "tree rows differ from causal passes over their paths (tree mask or positions)"))
