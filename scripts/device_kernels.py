@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from vllm_ht.kernels.reference import kv_compact_ref, tree_paged_attention_ref
-from vllm_ht.kernels.testing import TOLERANCES, make_problem, start_loc
+from vllm_ht.kernels.testing import TOLERANCES, compact_layers, make_problem, start_loc
 
 HEAD_SHAPES = {"9/3x64": (9, 3, 64), "32/8x128": (32, 8, 128), "64/8x128": (64, 8, 128)}
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -125,20 +125,6 @@ def run_attention_case(case: AttentionCase, device: torch.device, kernel=triton_
 
 
 # -- kv_compact ------------------------------------------------------------------------------
-
-def compact_layers(kind: str, num_layers: int, shape: tuple[int, int, int, int], dtype: torch.dtype,
-                   device: torch.device) -> list[torch.Tensor]:
-    """Per-layer caches [blocks, heads, block_size, 2D]: 'stacked' (views of one allocation, like
-    vLLM's), 'separate' allocations, or 'lbnhc' (stacked, each layer a transposed view)."""
-    gen = torch.Generator(device=device).manual_seed(0)
-    if kind == "separate":
-        return [torch.randn(shape, generator=gen, device=device).to(dtype) for _ in range(num_layers)]
-    if kind == "stacked":
-        return list(torch.randn((num_layers,) + shape, generator=gen, device=device).to(dtype).unbind(0))
-    blocks, heads, block_size, row = shape
-    big = torch.randn(num_layers, blocks, block_size, heads, row, generator=gen, device=device).to(dtype)
-    return list(big.transpose(2, 3).unbind(0))
-
 
 def random_moves(num_seqs: int, positions: int, seed: int) -> tuple[list[int], list[int], list[int]]:
     """(src, dst, moves per sequence): per sequence an accepted path of n nodes picked from the 3n

@@ -7,7 +7,7 @@ import torch
 
 from vllm_ht.kernels.kv_compact import _layer_stride, kv_compact
 from vllm_ht.kernels.reference import kv_compact_ref
-from vllm_ht.kernels.testing import start_loc
+from vllm_ht.kernels.testing import compact_layers, start_loc
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 IMPLS = pytest.mark.parametrize("impl", [kv_compact, kv_compact_ref], ids=["triton", "ref"])
@@ -28,23 +28,10 @@ def in_order_copy(kv_caches, block_table, src, dst, move_start_loc):
                 kv[int(block_table[b, d // block_size]), :, d % block_size] = row
 
 
-def make_layers(kind: str, num_layers=3, shape=(10, 2, 4, 32), dtype=torch.float32, device="cpu"):
-    """Per-layer caches: 'stacked' (views of one allocation, like vLLM's), 'separate', or
-    'lbnhc' (stacked, each layer a transposed non-contiguous view)."""
-    gen = torch.Generator(device=device).manual_seed(0)
-    if kind == "separate":
-        return [torch.randn(shape, generator=gen, device=device).to(dtype) for _ in range(num_layers)]
-    if kind == "stacked":
-        return list(torch.randn((num_layers,) + shape, generator=gen, device=device).to(dtype).unbind(0))
-    blocks, heads, block_size, row = shape
-    big = torch.randn(num_layers, blocks, block_size, heads, row, generator=gen, device=device).to(dtype)
-    return list(big.transpose(2, 3).unbind(0))
-
-
 @IMPLS
 def test_overlapping_moves_in_place(impl):
     # Root at position 5, accepted nodes at 7 and 8 move to 6 and 7; block_size 4 so moves cross blocks.
-    caches = make_layers("stacked", num_layers=2)
+    caches = compact_layers("stacked", num_layers=2)
     block_table = i32([[9, 2, 4, 0]])                       # positions 4..7 -> block 2, 8..11 -> block 4
     before = [kv.clone() for kv in caches]
     impl(caches, block_table, i32([5, 7, 8]), i32([5, 6, 7]), i32([0, 3]))
@@ -60,7 +47,7 @@ def test_overlapping_moves_in_place(impl):
 @pytest.mark.parametrize("kind", ["stacked", "separate", "lbnhc"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_matches_in_order_copy(impl, kind, dtype):
-    caches = make_layers(kind, dtype=dtype)
+    caches = compact_layers(kind, dtype=dtype)
     block_table = i32([[3, 7, 1, 8], [0, 0, 0, 0], [5, 2, 9, 4]])
     # seq 0: root at 2, path 2 -> 4 -> 9; seq 1: nothing accepted; seq 2: 10 -> 12 -> 13 -> 15.
     src = i32([2, 4, 9, 10, 12, 13, 15])
@@ -74,16 +61,16 @@ def test_matches_in_order_copy(impl, kind, dtype):
 
 
 def test_layer_addressing_paths():
-    assert _layer_stride(make_layers("stacked")) == 10 * 2 * 4 * 32
-    assert _layer_stride(make_layers("lbnhc")) == 10 * 2 * 4 * 32
-    assert _layer_stride(make_layers("separate")) is None
-    reversed_stack = make_layers("stacked")[::-1]
+    assert _layer_stride(compact_layers("stacked")) == 10 * 2 * 4 * 32
+    assert _layer_stride(compact_layers("lbnhc")) == 10 * 2 * 4 * 32
+    assert _layer_stride(compact_layers("separate")) is None
+    reversed_stack = compact_layers("stacked")[::-1]
     assert _layer_stride(reversed_stack) is None             # descending addresses -> pointer table
 
 
 @IMPLS
 def test_no_moves_is_a_no_op(impl):
-    caches = make_layers("stacked")
+    caches = compact_layers("stacked")
     before = [kv.clone() for kv in caches]
     impl(caches, i32([[1, 2]]), i32([]), i32([]), i32([0, 0]))
     assert all(torch.equal(a, b) for a, b in zip(caches, before))
@@ -104,12 +91,12 @@ BAD_MOVES = {
 @pytest.mark.parametrize("moves", BAD_MOVES.values(), ids=BAD_MOVES.keys())
 def test_bad_moves_raise(impl, moves):
     with pytest.raises(ValueError):
-        impl(make_layers("stacked"), i32([[1, 2, 3]]), *moves)
+        impl(compact_layers("stacked"), i32([[1, 2, 3]]), *moves)
 
 
 @IMPLS
 def test_mismatched_layers_raise(impl):
-    caches = make_layers("separate") + [torch.randn(10, 2, 4, 16)]
+    caches = compact_layers("separate") + [torch.randn(10, 2, 4, 16)]
     with pytest.raises(ValueError, match="differs from kv_caches"):
         impl(caches, i32([[1, 2, 3]]), i32([6, 7]), i32([5, 6]), i32([0, 2]))
 
@@ -117,7 +104,7 @@ def test_mismatched_layers_raise(impl):
 @requires_cuda
 @pytest.mark.parametrize("kind", ["stacked", "separate", "lbnhc"])
 def test_gpu_matches_reference(kind):
-    caches = make_layers(kind, num_layers=8, shape=(64, 8, 16, 256), dtype=torch.float16, device="cuda")
+    caches = compact_layers(kind, num_layers=8, shape=(64, 8, 16, 256), dtype=torch.float16, device="cuda")
     block_table = torch.randperm(64, dtype=torch.int32).view(8, 8).cuda()
     counts = [0, 1, 3, 5, 2, 7, 4, 6]
     src, dst = [], []

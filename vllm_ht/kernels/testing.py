@@ -127,3 +127,18 @@ def make_problem(
         window_mask=pack_window_mask(bool_mask).to(device),
         scale=head_dim ** -0.5,
     )
+
+
+def compact_layers(kind: str, num_layers: int = 3, shape: tuple[int, int, int, int] = (10, 2, 4, 32),
+                   dtype: torch.dtype = torch.float32, device="cpu") -> list[torch.Tensor]:
+    """Random per-layer caches [blocks, heads, block_size, 2D] for kv_compact: 'stacked' (views of
+    one allocation, like vLLM's), 'separate' allocations, or 'lbnhc' (stacked, each layer a
+    transposed non-contiguous view)."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    if kind == "separate":
+        return [torch.randn(shape, generator=gen, device=device).to(dtype) for _ in range(num_layers)]
+    if kind == "stacked":
+        return list(torch.randn((num_layers,) + shape, generator=gen, device=device).to(dtype).unbind(0))
+    blocks, heads, block_size, row = shape
+    big = torch.randn(num_layers, blocks, block_size, heads, row, generator=gen, device=device).to(dtype)
+    return list(big.transpose(2, 3).unbind(0))
