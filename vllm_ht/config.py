@@ -29,6 +29,11 @@ CONFIG_FILE = "config.json"
 FORMAT_VERSION = 1
 
 
+FUSED_NOT_SERVED = ("this checkpoint fuses the states of layers {layers} into its projections (trained with "
+                    "--fuse-layers), which vLLM serving and the reference engine do not run yet; serve a "
+                    "checkpoint trained without --fuse-layers (e.g. the shipped one).")
+
+
 class ConfigError(ValueError):
     """A Hidden Transfer config or checkpoint that cannot be used, with the fix in the message."""
 
@@ -49,6 +54,11 @@ class HiddenTransferConfig:
     transfer_layers: list[int] | None = None
     # An optional bias per projection (the paper's map is plain linear).
     bias: bool = False
+    # Fused input (EAGLE-3 / DFlash-style multi-layer features, still linear): extra layers whose
+    # states at the anchor are mapped and added, e_{i,s} = W_s h^{l_s}_i + sum_f U_{s,f} h^f_i.
+    # Each must lie below every transfer layer. Training and offline evaluation only for now:
+    # serving refuses such a checkpoint (FUSED_NOT_SERVED).
+    fuse_layers: list[int] = field(default_factory=list)
     # node budget -> list of rank paths, e.g. {4: [[0], [1], [0, 0], [0, 0, 0]]}. Empty -> the
     # engine builds templates from `topr_accuracy` (or a generic prior) on demand.
     tree_templates: dict[int, list[list[int]]] = field(default_factory=dict)
@@ -86,6 +96,13 @@ class HiddenTransferConfig:
                     f"transfer_layers[{s}]={layer} is out of range for a model with "
                     f"{self.num_hidden_layers} layers: choose a layer in 1..{last} "
                     f"(the pseudo state needs at least one layer above it).")
+        self.fuse_layers = [int(x) for x in self.fuse_layers]
+        for f in self.fuse_layers:
+            if not 0 <= f < self.min_transfer_layer or self.fuse_layers.count(f) > 1:
+                raise ConfigError(
+                    f"fuse_layers={self.fuse_layers}: each fused layer must be distinct and in "
+                    f"0..{self.min_transfer_layer - 1}, below every transfer layer (its state must exist "
+                    f"when the pseudo rows join).")
         if self.dtype not in PROJECTION_DTYPES:
             raise ConfigError(f"dtype={self.dtype!r} must be one of {PROJECTION_DTYPES}.")
         self.tree_templates = {int(n): [list(map(int, p)) for p in paths]
@@ -103,6 +120,11 @@ class HiddenTransferConfig:
         if self.format_version != FORMAT_VERSION:
             raise ConfigError(f"format_version={self.format_version} is not supported by this vllm-ht "
                               f"(expects {FORMAT_VERSION}); upgrade vllm-ht or re-export the checkpoint.")
+
+    def check_servable(self) -> None:
+        """Raise ConfigError for what only training and offline evaluation run (fused inputs)."""
+        if self.fuse_layers:
+            raise ConfigError(FUSED_NOT_SERVED.format(layers=self.fuse_layers))
 
     @property
     def min_transfer_layer(self) -> int:

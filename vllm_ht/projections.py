@@ -2,6 +2,7 @@
 
 e_{i,s} = W_s h^{l_s}_i (+ b_s), identity-initialised so an untrained checkpoint drafts "the same
 hidden state one position later" — lossless (verification) but with low acceptance.
+With fused inputs (config.fuse_layers), + sum_f U_{s,f} h^f_i, the U zero-initialised.
 """
 from __future__ import annotations
 
@@ -25,14 +26,25 @@ class TransferProjections(nn.Module):
         self.num_steps, self.hidden_size = k, d
         self.weight = nn.Parameter(torch.eye(d).repeat(k, 1, 1))   # [k, d_out, d_in]
         self.bias = nn.Parameter(torch.zeros(k, d)) if config.bias else None  # [k, d]
+        n_fused = len(config.fuse_layers)
+        self.fuse_weight = nn.Parameter(torch.zeros(k, n_fused, d, d)) if n_fused else None  # [k, F, d_out, d_in]
 
-    def step(self, hidden: torch.Tensor, s: int) -> torch.Tensor:
-        """Pseudo states of step s (0-based) for rows of `hidden` [..., d] -> [..., d]."""
+    def step(self, hidden: torch.Tensor, s: int, fused: list[torch.Tensor] = ()) -> torch.Tensor:
+        """Pseudo states of step s (0-based) for rows of `hidden` [..., d] -> [..., d]; `fused` holds
+        the same rows' states at config.fuse_layers, in that order."""
         bias = None if self.bias is None else self.bias.to(hidden.dtype)
-        return project(hidden, self.weight.to(hidden.dtype), bias, s)
+        out = project(hidden, self.weight.to(hidden.dtype), bias, s)
+        if len(fused) != (0 if self.fuse_weight is None else self.fuse_weight.shape[1]):
+            raise ValueError(f"{len(fused)} fused inputs given; the projections take "
+                             f"{0 if self.fuse_weight is None else self.fuse_weight.shape[1]}")
+        for f, h in enumerate(fused):
+            out = out + nn.functional.linear(h, self.fuse_weight[s, f].to(h.dtype))
+        return out
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        """All steps from one transfer layer: hidden [n, d] -> pseudo [n, k, d]."""
+        """All steps from one transfer layer: hidden [n, d] -> pseudo [n, k, d] (unfused only)."""
+        if self.fuse_weight is not None:
+            raise ValueError("fused projections need their fused inputs: use step()")
         out = torch.einsum("nd,ked->nke", hidden, self.weight.to(hidden.dtype))
         if self.bias is not None:
             out = out + self.bias.to(hidden.dtype)

@@ -43,6 +43,12 @@ def test_transfer_layer_out_of_range(model_dir, tmp_path):
         ht_engine_kwargs(str(model_dir), checkpoint=str(ck))
 
 
+def test_a_fused_input_checkpoint_is_refused_with_the_fix(model_dir, tmp_path):
+    ck = _checkpoint(tmp_path, base_model="SmolLM2-135M-Instruct", fuse_layers=[5, 10])
+    with pytest.raises(ConfigError, match=r"fuses the states of layers \[5, 10\].*trained without --fuse-layers"):
+        ht_engine_kwargs(str(model_dir), checkpoint=str(ck))
+
+
 def test_corrupt_weights(model_dir, tmp_path):
     ck = _checkpoint(tmp_path)
     (ck / "projections.safetensors").write_bytes(b"junk")

@@ -65,6 +65,7 @@ class ReferenceEngine:
         else:
             self.config, self.projections = load_checkpoint(checkpoint)
             self.config.check_model(mcfg)
+            self.config.check_servable()
         self.projections.to(self.dtype)
         self.medusa = None
         if medusa is not None:

@@ -26,6 +26,8 @@ def add_parsers(sub, model_dir_help: str) -> None:
     t.add_argument("--num-steps", type=int, default=3, help="k: drafts per step")
     t.add_argument("--transfer-layers", help="one layer for all steps (e.g. 15) or one per step (e.g. 12,15,18)")
     t.add_argument("--bias", action="store_true")
+    t.add_argument("--fuse-layers", help="fused projection input: also map the states of these lower layers "
+                                         "(e.g. 5,10) and add them (training and eval-drafts only; not served)")
     t.add_argument("--steps", type=int, default=2000)
     t.add_argument("--batch-size", type=int, default=8)
     t.add_argument("--anchors", type=int, default=64, help="anchors sampled per sequence per step")
@@ -96,7 +98,8 @@ def train_command(args: argparse.Namespace, model: str) -> int:
 
     cfg = TrainConfig(model=model, data=args.data or _default_data(model, "train.jsonl"), out=args.out,
                       num_steps=args.num_steps, transfer_layers=_layers(args.transfer_layers, args.num_steps),
-                      bias=args.bias, steps=args.steps, batch_size=args.batch_size, anchors=args.anchors,
+                      bias=args.bias, fuse_layers=[int(x) for x in args.fuse_layers.split(",")] if args.fuse_layers else [],
+                      steps=args.steps, batch_size=args.batch_size, anchors=args.anchors,
                       max_len=args.max_len, lr=args.lr, warmup=args.warmup, medusa=args.medusa,
                       save_every=args.save_every, seed=args.seed, save_dtype=args.save_dtype,
                       real_cache=args.real_cache, real_cache_dtype=args.real_cache_dtype)

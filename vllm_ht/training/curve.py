@@ -22,10 +22,11 @@ CURVE_FILE = "learning_curve.json"
 
 
 def run_config(run: Path, model_config) -> HiddenTransferConfig:
-    """The HT config of a run (k, transfer layers, bias) from its state.pt, for this model."""
+    """The HT config of a run (k, transfer layers, bias, fused layers) from its state.pt, for this model."""
     cfg = torch.load(run / STATE_FILE, weights_only=False)["cfg"]
     return HiddenTransferConfig.for_model(model_config, num_steps=cfg["num_steps"],
-                                          transfer_layers=cfg["transfer_layers"], bias=cfg["bias"])
+                                          transfer_layers=cfg["transfer_layers"], bias=cfg["bias"],
+                                          fuse_layers=cfg.get("fuse_layers", []))
 
 
 def learning_curve(bb, run: Path, seqs: list, progress: bool = True) -> list[dict]:

@@ -25,7 +25,7 @@ from ..pseudo_group import group_visible
 @dataclass
 class RealPass:
     kv: dict[int, tuple[torch.Tensor, torch.Tensor]]  # layer -> k, v [B, Hkv, T, hd]
-    hidden: dict[int, torch.Tensor]                   # transfer layer l -> h^l [B, T, d]
+    hidden: dict[int, torch.Tensor]                   # transfer (and fused) layer l -> h^l [B, T, d]
     final: torch.Tensor                               # [B, T, d] final-normed real states
 
 
@@ -37,7 +37,7 @@ def real_pass(bb: Backbone, ids: torch.Tensor, config: HiddenTransferConfig) -> 
     pos = torch.arange(t).expand(b, t)
     cos, sin = bb.rope(x, pos)
     causal = torch.ones(t, t, dtype=torch.bool).tril()[None, None]
-    low, wanted = config.min_transfer_layer, set(config.transfer_layers)
+    low, wanted = config.min_transfer_layer, set(config.transfer_layers) | set(config.fuse_layers)
     kv, hidden = {}, {}
     for j in range(bb.num_layers):
         if j in wanted:
@@ -59,10 +59,11 @@ def pseudo_pass(bb: Backbone, projections: TransferProjections, config: HiddenTr
     rows_anchor = torch.empty(b, 0, dtype=torch.long)   # [B, Q] anchor position of each pseudo row
     rows_step = torch.empty(0, dtype=torch.long)        # [Q] its step
     x = None
+    fused = [real.hidden[f][batch, anchors] for f in config.fuse_layers]  # [B, A, d] each
     for j in range(config.min_transfer_layer, bb.num_layers):
         if j in joins:
             h = real.hidden[j][batch, anchors]                             # [B, A, d]
-            new = [projections.step(h, s) for s in joins[j]]
+            new = [projections.step(h, s, fused) for s in joins[j]]
             x = torch.cat(([] if x is None else [x]) + new, dim=1)
             rows_anchor = torch.cat([rows_anchor] + [anchors] * len(new), dim=1)
             rows_step = torch.cat([rows_step] + [torch.full((a,), s) for s in joins[j]])

@@ -7,7 +7,7 @@ layer 15, batch 8, 64 anchors, ~2200 tokens a batch): 5.0 s a step uncached, 3.1
 (benchmarks/train_step.py).
 
 Per sequence the cache keeps what the pseudo pass and the loss read, nothing else:
-  hidden  [n_join, T, d]                h^l at each distinct transfer layer (the projections' input)
+  hidden  [n_join, T, d]                h^l at each distinct transfer (and fused) layer: the projections' input
   kv      [L - l_min, 2, Hkv, T, hd]    K/V of the layers the pseudo rows pass through
   final   [T, d]                        the final-normed states (the teacher's input)
 A step's batch is assembled from the stored rows (zero-padded: pseudo rows only see real keys at
@@ -53,7 +53,7 @@ def model_fingerprint(bb: Backbone) -> str:
 
 def bytes_per_token(config: HiddenTransferConfig, bb: Backbone, dtype: str) -> int:
     d, hkv = config.hidden_size, bb.layers[0].self_attn.k_proj.out_features // bb.head_dim
-    values = len(set(config.transfer_layers)) * d + d + (bb.num_layers - config.min_transfer_layer) * 2 * hkv * bb.head_dim
+    values = len(set(config.transfer_layers) | set(config.fuse_layers)) * d + d + (bb.num_layers - config.min_transfer_layer) * 2 * hkv * bb.head_dim
     return values * torch.finfo(DTYPES[dtype]).bits // 8
 
 
@@ -69,7 +69,7 @@ class RealPassCache:
         if dtype not in DTYPES:
             raise ValueError(f"real-pass cache dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
         self.folder, self.bb, self.config, self.dtype = Path(folder), bb, config, DTYPES[dtype]
-        self.layers = sorted(set(config.transfer_layers))
+        self.layers = sorted(set(config.transfer_layers) | set(config.fuse_layers))   # the hidden states kept
         self.hits = self.misses = 0                          # sequences read from / written to the files
         meta = {"model": model_fingerprint(bb), "num_layers": bb.num_layers, "hidden_size": config.hidden_size,
                 "transfer_layers": self.layers, "kv_from_layer": config.min_transfer_layer, "dtype": dtype}

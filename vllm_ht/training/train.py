@@ -47,6 +47,7 @@ class TrainConfig:
     num_steps: int = 3                       # k
     transfer_layers: list[int] | None = None  # None -> the middle layer
     bias: bool = False
+    fuse_layers: list[int] = field(default_factory=list)   # fused projection input (config.fuse_layers)
     steps: int = 2000
     batch_size: int = 8
     anchors: int = 64                        # sampled anchors per sequence per step
@@ -82,7 +83,8 @@ class Trainer:
         self.bb = Backbone(self.model)
         self.ht_config = HiddenTransferConfig.for_model(
             self.model.config, base_model=Path(cfg.model).name, num_steps=cfg.num_steps,
-            transfer_layers=cfg.transfer_layers, bias=cfg.bias, dtype=cfg.save_dtype)
+            transfer_layers=cfg.transfer_layers, bias=cfg.bias, fuse_layers=cfg.fuse_layers,
+            dtype=cfg.save_dtype)
         self.projections = TransferProjections(self.ht_config)
         self.medusa = MedusaHeads(cfg.num_steps, self.ht_config.hidden_size) if cfg.medusa else None
         params = list(self.projections.parameters()) + (list(self.medusa.parameters()) if self.medusa else [])

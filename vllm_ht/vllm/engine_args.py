@@ -113,6 +113,7 @@ def check_model(model: str, opts: HTOptions, tensor_parallel_size: int = 1) -> N
         check_tensor_parallel(hf, tensor_parallel_size)
     if opts.checkpoint:
         cfg, _ = load_checkpoint(opts.checkpoint)
+        cfg.check_servable()
         if hf is not None:
             cfg.check_model(hf)
 

@@ -35,6 +35,7 @@ class HTLlamaForCausalLM(LlamaForCausalLM):
         if opts.checkpoint:
             self.ht_config, projections = load_checkpoint(opts.checkpoint)
             self.ht_config.check_model(_with_base_arch(hf_config))
+            self.ht_config.check_servable()
         else:
             self.ht_config = HiddenTransferConfig.for_model(_with_base_arch(hf_config))
             projections = TransferProjections(self.ht_config)
