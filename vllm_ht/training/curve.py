@@ -53,11 +53,16 @@ def learning_curve(bb, run: Path, seqs: list, progress: bool = True) -> list[dic
 
 
 def plot_learning_curve(rows: list[dict], path: Path) -> Path:
-    from .plots import plt, _save
+    import matplotlib.ticker
+
+    from .plots import _save, plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
     anchors = [r["anchors_seen"] for r in rows]
     for d in range(len(rows[0]["top1"]) if rows else 0):
         ax.plot(anchors, [r["top1"][d] for r in rows], marker="o", label=f"depth {d + 1} top-1")
     ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x / 1000:g}k"))
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.FuncFormatter(
+        lambda x, _: f"{x / 1000:g}k" if str(int(x))[0] in "25" else ""))      # 20k, 50k, 200k, 500k ...
     return _save(fig, ax, "anchors seen in training", "top-1 on held-out responses", path)
