@@ -60,7 +60,8 @@ step-cost: model
 # the long training run (issue 15) that made the shipped checkpoint: self-distilled data, 1,500 steps x 512
 # anchors with a real-pass cache, the learning curve (~2.2 h of training on 2 cores). Every stage resumes
 # where it stopped; state under ~/.cache/vllm_ht (not the repo). The shipped run's first 600 steps followed
-# a 3,000-step schedule (see the checkpoint's README); STEPS=3000 trains further.
+# a 3,000-step schedule (see the checkpoint's README). To train longer, start a fresh RUN with more STEPS:
+# resuming a finished run under a longer schedule raises its decayed learning rate again.
 RUN ?= $(HOME)/.cache/vllm_ht/runs/smollm2-k3-l15-long
 STEPS ?= 1500
 .PHONY: train

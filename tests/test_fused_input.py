@@ -83,3 +83,11 @@ def test_fused_training_with_the_real_cache_equals_without(tiny_model, tiny_data
     with pytest.raises(ValueError, match="another setup"):   # an unfused cache is not reused for it
         RealPassCache(tmp_path / "cache", Backbone(tiny_model),
                       HiddenTransferConfig.for_model(tiny_model.config, num_steps=2, transfer_layers=[3, 3]))
+
+
+def test_resuming_a_run_with_other_projections_names_the_fix(tiny_model, tiny_data, tmp_path):
+    _trainer(tiny_model, tiny_data, tmp_path / "run").run(progress=False)     # fused [1], saved at step 3
+    other = _trainer(tiny_model, tiny_data, tmp_path / "run")
+    other.cfg.fuse_layers = [0, 1]
+    with pytest.raises(ValueError, match=r"fuse_layers.*another --out"):
+        other.load_state()

@@ -2,6 +2,7 @@
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -100,6 +101,18 @@ def test_cli_generate_bad_checkpoint_is_a_clear_error(model_dir, tmp_path):
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 2
     assert "does not exist" in out.stderr and "--ht-checkpoint" in out.stderr
+
+
+def test_a_fused_input_checkpoint_is_refused_with_the_fix(engine, model_dir, tmp_path):
+    from vllm_ht.checkpoint import save_checkpoint
+    from vllm_ht.config import ConfigError
+    from vllm_ht.projections import TransferProjections
+    from vllm_ht.reference.engine import ReferenceEngine
+
+    cfg = replace(engine.config, fuse_layers=[5, 10], tree_templates={})
+    save_checkpoint(tmp_path / "fused", cfg, TransferProjections(cfg))
+    with pytest.raises(ConfigError, match=r"fuses the states of layers \[5, 10\].*without --fuse-layers"):
+        ReferenceEngine(model_dir, checkpoint=tmp_path / "fused", model=engine.model)
 
 
 def test_medusa_drafter_is_lossless_too(engine, model_dir, tmp_path, mt_bench_prompts):

@@ -46,7 +46,7 @@ def load_checkpoint(folder: str | Path) -> tuple[HiddenTransferConfig, TransferP
     found = {name: tuple(t.shape) for name, t in tensors.items()}
     if found != expected:
         raise ConfigError(f"{path} holds tensors {found} but config.json (num_steps={config.num_steps}, "
-                          f"hidden_size={config.hidden_size}, bias={config.bias}) expects {expected}; "
+                          f"hidden_size={config.hidden_size}, bias={config.bias}, fuse_layers={config.fuse_layers}) expects {expected}; "
                           f"the weights and config.json do not belong together.")
     projections.load_state_dict({n: t.float() for n, t in tensors.items()})
     return config, projections

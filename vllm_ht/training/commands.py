@@ -68,6 +68,13 @@ def add_parsers(sub, model_dir_help: str) -> None:
     e.add_argument("--json", action="store_true")
 
 
+def _int_list(arg: str | None, flag: str) -> list[int]:
+    try:
+        return [int(x) for x in arg.split(",")] if arg else []
+    except ValueError:
+        raise SystemExit(f"{flag} {arg!r}: give comma-separated layer numbers, e.g. 5,10") from None
+
+
 def _layers(arg: str | None, k: int) -> list[int] | None:
     if not arg:
         return None
@@ -98,7 +105,7 @@ def train_command(args: argparse.Namespace, model: str) -> int:
 
     cfg = TrainConfig(model=model, data=args.data or _default_data(model, "train.jsonl"), out=args.out,
                       num_steps=args.num_steps, transfer_layers=_layers(args.transfer_layers, args.num_steps),
-                      bias=args.bias, fuse_layers=[int(x) for x in args.fuse_layers.split(",")] if args.fuse_layers else [],
+                      bias=args.bias, fuse_layers=_int_list(args.fuse_layers, "--fuse-layers"),
                       steps=args.steps, batch_size=args.batch_size, anchors=args.anchors,
                       max_len=args.max_len, lr=args.lr, warmup=args.warmup, medusa=args.medusa,
                       save_every=args.save_every, seed=args.seed, save_dtype=args.save_dtype,

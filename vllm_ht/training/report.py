@@ -33,6 +33,8 @@ def render(folder: Path, command: str | None = None, extra: str = "") -> str:
     lines = [f"# Hidden Transfer checkpoint: {cfg.base_model}", "",
              f"k = {cfg.num_steps} draft steps, transfer layer(s) {cfg.transfer_layers} of {cfg.num_hidden_layers}, "
              f"plain linear maps{' with bias' if cfg.bias else ''} (identity-initialised), stored as {cfg.dtype}. "
+             + (f"Fused input: the states of layers {cfg.fuse_layers} are mapped and added (zero-initialised); "
+                f"training and offline evaluation only, vLLM serving refuses it. " if cfg.fuse_layers else "") +
              f"Tree templates calibrated for node budgets {sorted(cfg.tree_templates)}.", "",
              "## How it was made", ""]
     if command:

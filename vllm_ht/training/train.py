@@ -34,6 +34,8 @@ from .real_cache import RealPassCache
 
 log = logging.getLogger(__name__)
 STATE_FILE = "state.pt"
+# settings that shape the projections: a resumed run must keep them
+SHAPE_FIELDS = ("num_steps", "transfer_layers", "bias", "fuse_layers")
 SNAPSHOT_DIR = "snapshots"      # projections at every save, for the learning curve
 HISTORY_FILE = "history.jsonl"  # per-step training loss and top-1 (appended; a resumed run goes on)
 MEDUSA_FILE = "medusa.safetensors"
@@ -145,6 +147,11 @@ class Trainer:
         if not path.is_file():
             return False
         state = torch.load(path, weights_only=False)
+        mine = asdict(self.cfg)
+        changed = {k: (state["cfg"].get(k), mine[k]) for k in SHAPE_FIELDS if state["cfg"].get(k, []) != mine[k]}
+        if changed:
+            raise ValueError(f"{path} was saved by a run with other projections ({changed}, as saved vs asked): "
+                             f"resume with the same settings, or start afresh with another --out (or --no-resume)")
         self.step = state["step"]
         self.projections.load_state_dict(state["projections"])
         self.opt.load_state_dict(state["opt"])
