@@ -3,8 +3,9 @@ tokens equal compiled plain vLLM's on 20 prompts x 64 tokens, one request at a t
 batches of 8. HT steps are the same compiled forward over more rows (pseudo rows join through the
 transfer op), so the test also counts the kinds of step that ran: with pseudo rows, with and
 without trees (16-node trees of depth 3: drafts at depth 3 verified and compacted inside vLLM).
-Hybrid trees are on (the default): each tree also holds a prompt-lookup chain, and the test checks
-that both sources' drafts were accepted, and that lookup and pseudo rows proposed shared nodes."""
+Hybrid trees are on (the default): at batch 1 each tree also holds a prompt-lookup chain, and the
+test checks that both sources' drafts were accepted, and that lookup and pseudo rows proposed shared
+nodes. At batch 8 the row budget leaves no room for a chain beside the forced 16-node tree."""
 from e2e_helpers import run_engine, trained_checkpoint
 
 N, TOKENS = 20, 64
@@ -25,8 +26,10 @@ def test_compiled_ht_identical_to_compiled_plain(model_dir, tmp_path):
             f"batch {bs}: tau {run['mean_accepted_length']}: trees were not really verified"
         assert len(run["acceptance_per_depth"]) >= 3, "no depth-3 draft was accepted"
         src = run["sources"]
-        assert src["pseudo"]["accepted"] > 0 and src["lookup"]["accepted"] > 0, src    # both sources verified right
-        assert src["both"]["drafted"] > 0, src        # lookup and pseudo rows proposed the same tokens (merged)
+        assert src["pseudo"]["accepted"] > 0, src
+        if bs == "1":
+            assert src["lookup"]["accepted"] > 0, src     # both sources verified right
+            assert src["both"]["drafted"] > 0, src        # lookup and pseudo rows proposed the same tokens (merged)
         kinds = run["step_kinds"]
         # steps with pseudo rows and a tree, and decode steps with pseudo rows but no tree (after a
         # node without pseudo rows was accepted). Steps without pseudo rows are the policy's
