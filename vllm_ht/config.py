@@ -127,6 +127,11 @@ class HiddenTransferConfig:
             raise ConfigError(FUSED_NOT_SERVED.format(layers=self.fuse_layers))
 
     @property
+    def input_layers(self) -> list[int]:
+        """The layers whose states the projections read: each distinct transfer layer and fused layer."""
+        return sorted(set(self.transfer_layers) | set(self.fuse_layers))
+
+    @property
     def min_transfer_layer(self) -> int:
         return min(self.transfer_layers)
 

@@ -26,17 +26,17 @@ class TransferProjections(nn.Module):
         self.num_steps, self.hidden_size = k, d
         self.weight = nn.Parameter(torch.eye(d).repeat(k, 1, 1))   # [k, d_out, d_in]
         self.bias = nn.Parameter(torch.zeros(k, d)) if config.bias else None  # [k, d]
-        n_fused = len(config.fuse_layers)
-        self.fuse_weight = nn.Parameter(torch.zeros(k, n_fused, d, d)) if n_fused else None  # [k, F, d_out, d_in]
+        self.num_fused = len(config.fuse_layers)
+        self.fuse_weight = (nn.Parameter(torch.zeros(k, self.num_fused, d, d))      # [k, F, d_out, d_in]
+                            if self.num_fused else None)
 
     def step(self, hidden: torch.Tensor, s: int, fused: list[torch.Tensor] = ()) -> torch.Tensor:
         """Pseudo states of step s (0-based) for rows of `hidden` [..., d] -> [..., d]; `fused` holds
         the same rows' states at config.fuse_layers, in that order."""
         bias = None if self.bias is None else self.bias.to(hidden.dtype)
         out = project(hidden, self.weight.to(hidden.dtype), bias, s)
-        if len(fused) != (0 if self.fuse_weight is None else self.fuse_weight.shape[1]):
-            raise ValueError(f"{len(fused)} fused inputs given; the projections take "
-                             f"{0 if self.fuse_weight is None else self.fuse_weight.shape[1]}")
+        if len(fused) != self.num_fused:
+            raise ValueError(f"{len(fused)} fused inputs given; the projections take {self.num_fused}")
         for f, h in enumerate(fused):
             out = out + nn.functional.linear(h, self.fuse_weight[s, f].to(h.dtype))
         return out

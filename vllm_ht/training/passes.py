@@ -37,7 +37,7 @@ def real_pass(bb: Backbone, ids: torch.Tensor, config: HiddenTransferConfig) -> 
     pos = torch.arange(t).expand(b, t)
     cos, sin = bb.rope(x, pos)
     causal = torch.ones(t, t, dtype=torch.bool).tril()[None, None]
-    low, wanted = config.min_transfer_layer, set(config.transfer_layers) | set(config.fuse_layers)
+    low, wanted = config.min_transfer_layer, set(config.input_layers)
     kv, hidden = {}, {}
     for j in range(bb.num_layers):
         if j in wanted:

@@ -53,7 +53,7 @@ def model_fingerprint(bb: Backbone) -> str:
 
 def bytes_per_token(config: HiddenTransferConfig, bb: Backbone, dtype: str) -> int:
     d, hkv = config.hidden_size, bb.layers[0].self_attn.k_proj.out_features // bb.head_dim
-    values = len(set(config.transfer_layers) | set(config.fuse_layers)) * d + d + (bb.num_layers - config.min_transfer_layer) * 2 * hkv * bb.head_dim
+    values = len(config.input_layers) * d + d + (bb.num_layers - config.min_transfer_layer) * 2 * hkv * bb.head_dim
     return values * torch.finfo(DTYPES[dtype]).bits // 8
 
 
@@ -69,7 +69,7 @@ class RealPassCache:
         if dtype not in DTYPES:
             raise ValueError(f"real-pass cache dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
         self.folder, self.bb, self.config, self.dtype = Path(folder), bb, config, DTYPES[dtype]
-        self.layers = sorted(set(config.transfer_layers) | set(config.fuse_layers))   # the hidden states kept
+        self.layers = config.input_layers                    # the hidden states kept
         self.hits = self.misses = 0                          # sequences read from / written to the files
         meta = {"model": model_fingerprint(bb), "num_layers": bb.num_layers, "hidden_size": config.hidden_size,
                 "transfer_layers": self.layers, "kv_from_layer": config.min_transfer_layer, "dtype": dtype}
