@@ -8,7 +8,7 @@ from vllm_ht import hybrid
 from vllm_ht.hybrid import LOOKUP, LOOKUP_RANK, PSEUDO
 from vllm_ht.tree import TokenTree
 from vllm_ht.verify import SamplingParams, verify_tree
-from vllm_ht.policy import DraftPlan, LookupStats, StepCost, best_lookup_length, no_drafts
+from vllm_ht.policy import DraftPlan, LookupStats, StepCost, best_lookup_length, lookup_row_cost, no_drafts
 
 L = LOOKUP_RANK
 TREE = TokenTree.from_paths([[0], [1], [0, 0]])
@@ -123,6 +123,22 @@ def test_lookup_stats_and_length_policy():
     for _ in range(200):                                # the matcher never finds anything: no rows
         none.record_match(False)
     assert best_lookup_length(no_drafts(), none, 1, cost, 8) == 0
+
+
+def test_lookup_nodes_priced_as_tree_rows_at_batch_1_and_as_batch_rows_above():
+    """At batch 1 a lookup node costs the calibrated tree row; above it, a whole batch row. With
+    tree rows much cheaper than batch rows, the same measured chains get longer at batch 1."""
+    cost = StepCost(row=0.01, pseudo_row=0.04, fixed=0.3, batch_row=0.08)
+    assert lookup_row_cost(cost, 1) == 0.01 and lookup_row_cost(cost, 2) == lookup_row_cost(cost, 8) == 0.08
+    stats = LookupStats()
+    for i in range(400):                                # chains of 8, followed through depth i % 5
+        stats.record_match(True)
+        stats.record(8, i % 5)
+    plan = DraftPlan(tree=TREE, anchors=(0,), speedup=1.3, tokens_per_step=1.6)
+    at_1, at_2 = best_lookup_length(plan, stats, 1, cost, 8), best_lookup_length(plan, stats, 2, cost, 8)
+    assert at_1 > at_2 >= 1
+    cheap = StepCost(row=0.01, pseudo_row=0.04, fixed=0.3, batch_row=0.01)   # same price at batch 1
+    assert at_1 == best_lookup_length(plan, stats, 1, cheap, 8)
 
 
 def test_anchor_choice_on_lookup_chains_deeper_than_the_accuracy_table():

@@ -109,15 +109,21 @@ def _serve(argv: list[str]) -> int:
 
 
 def _runtime(args: argparse.Namespace) -> int:
+    from .cpu_features import native_bf16, serving_dtype
     from .runtime import describe, preload_env
 
+    if args.dtype:
+        print(serving_dtype())
+        return 0
     if args.env:
         env = preload_env()
         for key in ("LD_PRELOAD", "KMP_BLOCKTIME"):
             if key in env:
                 print(f"export {key}={shlex.quote(env[key])}")
     else:
-        print("\n".join(describe()))
+        native = native_bf16()
+        why = {True: "native bf16", False: "no native bf16: bf16 rows are converted", None: "CPU flags unknown"}[native]
+        print("\n".join([*describe(), f"dtype: {serving_dtype()} ({why})"]))
     return 0
 
 
@@ -196,6 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("runtime", help="the CPU runtime `serve` and the benchmarks use: tcmalloc and Intel OpenMP "
                                        "preloaded (see vllm_ht/runtime.py); VLLM_HT_NO_PRELOAD=1 turns it off")
     r.add_argument("--env", action="store_true", help='print shell exports instead: eval "$(vllm-ht runtime --env)"')
+    r.add_argument("--dtype", action="store_true",
+                   help="print only the dtype to serve in on this CPU: float32 without native bf16 (vllm_ht/cpu_features.py)")
 
     c = sub.add_parser("calibrate", help="time plain and HT steps in vLLM on this machine; fit and save the "
                                          "draft policy's step costs (read by the plugin by default)")

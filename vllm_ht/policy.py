@@ -150,17 +150,26 @@ class LookupStats:
         return out
 
 
+def lookup_row_cost(cost: StepCost, batch_size: int) -> float:
+    """What one lookup node costs per request at this batch size (see best_lookup_length)."""
+    return cost.row if batch_size <= 1 else max(cost.row, cost.plain_row)
+
+
 def best_lookup_length(plan: DraftPlan, stats: LookupStats, batch_size: int, cost: StepCost,
                        max_len: int, margin: float = 0.02) -> int:
     """How many lookup nodes each request's tree gets at this batch size (0: none), under the same
     cost model as the pseudo tree: the plan gives tokens/step T and cost H (in decode steps), a
     chain of L nodes adds match_rate * sum_{d<=L} reached(d) tokens and match_rate * B * row * L
-    cost, plus the fixed HT step cost when the plan itself does not draft. A lookup node is priced
-    as a whole extra row of a batch (max of `row` and `plain_row`): `row` is fit on small trees at
-    batch 1, where extra rows ride along nearly free; at batch 4-8 lookup chains of 6-8 nodes
-    measured 2.6-3 plain steps per step (benchmarks/results/throughput_hybrid.json)."""
+    cost, plus the fixed HT step cost when the plan itself does not draft. What a lookup node costs:
+    - at batch 1, `row`: the calibration times trees of 1-16 drafts at batch 1 itself, and a chain
+      of up to 8 nodes beside the policy's tree stays near that range. Pricing it as a batch row
+      there cut the chains short: fixed 8-node chains ran 51.2 tok/s, tau 2.53, against the
+      shorter chains' 48.3 tok/s, tau 2.30 (benchmarks/results/checkpoint_ab.json);
+    - above batch 1, a whole extra row of a batch (max of `row` and `plain_row`): `row` is fit
+      mostly on small trees, and at batch 4-8 lookup chains of 6-8 nodes measured 2.6-3 plain steps
+      per step (benchmarks/results/throughput_hybrid.json)."""
     plain = 1.0 + cost.plain_row * (batch_size - 1)
-    row = max(cost.row, cost.plain_row)
+    row = lookup_row_cost(cost, batch_size)
     tokens = plan.tokens_per_step if plan.drafts else 1.0
     base = tokens * plain / (plan.speedup if plan.drafts else 1.0)        # H
     m = stats.match_rate

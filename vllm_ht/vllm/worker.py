@@ -12,10 +12,15 @@ from vllm.v1.worker import cpu_worker
 from vllm.v1.worker.cpu_model_runner import CPUModelRunner
 from vllm.v1.worker.cpu_worker import CPUWorker
 
+from vllm.logger import init_logger
+
 from .attention import cpu_backend_for
+from ..cpu_features import bf16_warning
 from ..options import HTOptions
 from .runner import HTRunnerMixin
 from .worker_rpc import HTWorkerRPCs
+
+log = init_logger(f"vllm.{__name__}")
 
 
 class HTCPUModelRunner(HTRunnerMixin, CPUModelRunner):
@@ -31,6 +36,8 @@ class HTCPUWorker(HTWorkerRPCs, CPUWorker):
         # before the model (and its attention layers) is built in this process.
         requested = HTOptions.from_vllm_config(vllm_config).cpu_cache_layout
         register_backend(AttentionBackendEnum.CPU_ATTN, cpu_backend_for(vllm_config, requested))
+        if warning := bf16_warning(vllm_config.model_config.dtype):       # each worker: once per TP rank
+            log.warning(warning)
         super().__init__(vllm_config, *args, **kwargs)
 
     def init_device(self):

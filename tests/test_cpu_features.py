@@ -1,0 +1,47 @@
+"""Native bf16 detection from /proc/cpuinfo, the serving dtype it picks, and the warning."""
+import subprocess
+import sys
+
+from vllm_ht.cpu_features import bf16_warning, cpu_flags, native_bf16, serving_dtype
+
+AVX2 = "processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu sse sse2 avx avx2 fma\n\nprocessor\t: 1\n"
+AMX = "processor\t: 0\nflags\t\t: avx2 avx512f avx512_bf16 amx_bf16 amx_tile\n"
+ARM_BF16 = "processor\t: 0\nFeatures\t: fp asimd bf16 i8mm\n"
+
+
+def _file(tmp_path, text):
+    path = tmp_path / "cpuinfo"
+    path.write_text(text)
+    return path
+
+
+def test_flags_and_dtype_per_cpu(tmp_path):
+    for name, text, native in (("avx2", AVX2, False), ("amx", AMX, True), ("arm", ARM_BF16, True)):
+        (tmp_path / name).mkdir()
+        path = _file(tmp_path / name, text)
+        assert native_bf16(path) is native
+        assert serving_dtype(path) == ("bfloat16" if native else "float32")
+    assert "avx2" in cpu_flags(tmp_path / "avx2" / "cpuinfo")
+
+
+def test_unknown_cpu_claims_nothing(tmp_path):
+    missing = tmp_path / "none"
+    assert cpu_flags(missing) is None and native_bf16(missing) is None
+    assert serving_dtype(missing) == "bfloat16" and bf16_warning("bfloat16", missing) is None
+    no_flags = _file(tmp_path, "processor\t: 0\n")
+    assert native_bf16(no_flags) is None
+
+
+def test_warning_names_the_problem_and_the_fix(tmp_path):
+    avx2 = _file(tmp_path, AVX2)
+    text = bf16_warning("torch.bfloat16", avx2)
+    assert "no native bf16" in text and "--dtype float32" in text
+    assert bf16_warning("torch.float32", avx2) is None
+    (tmp_path / "amx").mkdir()
+    assert bf16_warning("bfloat16", _file(tmp_path / "amx", AMX)) is None
+
+
+def test_cli_prints_this_machines_dtype():
+    out = subprocess.run([sys.executable, "-m", "vllm_ht.cli", "runtime", "--dtype"], capture_output=True,
+                         text=True, check=True).stdout.strip()
+    assert out == serving_dtype()
