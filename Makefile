@@ -8,9 +8,11 @@ HT     := $(VENV)/bin/vllm-ht
 STAMP  := $(VENV)/.installed
 HOST   ?= 127.0.0.1
 PORT   ?= 8000
-# bf16 where this CPU computes it natively (AVX512-BF16 / AMX), else fp32: without it every draft
-# row costs about half a plain step in bf16 (vllm_ht/cpu_features.py). DTYPE=bfloat16 forces it.
-DTYPE  ?= $(shell python3 vllm_ht/cpu_features.py 2>/dev/null || echo bfloat16)
+# bf16 where this CPU computes it natively (AVX512-BF16 / AMX-BF16 / Arm BF16), else fp32: there a
+# bf16 draft row costs 4x an fp32 one (vllm_ht/cpu_features.py). DTYPE=bfloat16 forces it.
+ifeq ($(origin DTYPE),undefined)
+DTYPE  := $(shell python3 -I vllm_ht/cpu_features.py 2>/dev/null || echo bfloat16)
+endif
 # vLLM's CPU build: use both cores for the worker, keep internal traffic on loopback, fixed KV
 # space (GiB); see vllm_ht/vllm/env.py
 export VLLM_CPU_NUM_OF_RESERVED_CPU ?= 0

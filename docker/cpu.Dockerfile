@@ -52,8 +52,10 @@ RUN --mount=type=cache,target=/root/.cache/pip \
 
 EXPOSE 8000
 # No CMD: arguments given to `docker run` are appended (argparse keeps the last value of a flag).
+# No --dtype: `vllm-ht serve` picks it on the host the container runs on, bf16 where the CPU has
+# native bf16, else fp32 (vllm_ht/cpu_features.py); `docker run ... --dtype X` overrides it.
 ENTRYPOINT ["vllm-ht", "serve", "/opt/vllm-ht-cache/SmolLM2-135M-Instruct", \
             "--served-model-name", "SmolLM2-135M-Instruct", \
             "--speculative-model", "hidden_transfer", \
             "--ht-checkpoint", "/opt/vllm-ht/checkpoints/smollm2-135m-instruct", \
-            "--host", "0.0.0.0", "--port", "8000", "--dtype", "bfloat16", "--max-model-len", "4096"]
+            "--host", "0.0.0.0", "--port", "8000", "--max-model-len", "4096"]

@@ -131,14 +131,16 @@ def test_lookup_nodes_priced_as_tree_rows_at_batch_1_and_as_batch_rows_above():
     cost = StepCost(row=0.01, pseudo_row=0.04, fixed=0.3, batch_row=0.08)
     assert lookup_row_cost(cost, 1) == 0.01 and lookup_row_cost(cost, 2) == lookup_row_cost(cost, 8) == 0.08
     stats = LookupStats()
-    for i in range(400):                                # chains of 8, followed through depth i % 5
+    for i in range(450):                                # chains of 8, followed through depth i % 9
         stats.record_match(True)
-        stats.record(8, i % 5)
+        stats.record(8, i % 9)
     plan = DraftPlan(tree=TREE, anchors=(0,), speedup=1.3, tokens_per_step=1.6)
     at_1, at_2 = best_lookup_length(plan, stats, 1, cost, 8), best_lookup_length(plan, stats, 2, cost, 8)
     assert at_1 > at_2 >= 1
     cheap = StepCost(row=0.01, pseudo_row=0.04, fixed=0.3, batch_row=0.01)   # same price at batch 1
-    assert at_1 == best_lookup_length(plan, stats, 1, cheap, 8)
+    assert at_1 == best_lookup_length(plan, stats, 1, cheap, 8) == 8
+    dear = StepCost(row=0.08, pseudo_row=0.04, fixed=0.3, batch_row=0.08)    # batch-row price at batch 1
+    assert best_lookup_length(plan, stats, 1, dear, 8) < at_1
 
 
 def test_anchor_choice_on_lookup_chains_deeper_than_the_accuracy_table():

@@ -99,13 +99,14 @@ def _make_data(args: argparse.Namespace) -> int:
 
 
 def _serve(argv: list[str]) -> int:
+    from .cpu_features import with_serving_dtype
     from .runtime import reexec_with_preload
     from .vllm.launcher import run_vllm_cli
 
     # vLLM's recommended CPU runtime (tcmalloc + Intel OpenMP in LD_PRELOAD) must be in place before
     # this process starts: re-execute once under it (returns when it is already in effect).
     reexec_with_preload(["serve", *argv])
-    return run_vllm_cli(["serve", *argv])
+    return run_vllm_cli(["serve", *with_serving_dtype(argv)])
 
 
 def _runtime(args: argparse.Namespace) -> int:
@@ -201,8 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("runtime", help="the CPU runtime `serve` and the benchmarks use: tcmalloc and Intel OpenMP "
                                        "preloaded (see vllm_ht/runtime.py); VLLM_HT_NO_PRELOAD=1 turns it off")
-    r.add_argument("--env", action="store_true", help='print shell exports instead: eval "$(vllm-ht runtime --env)"')
-    r.add_argument("--dtype", action="store_true",
+    what = r.add_mutually_exclusive_group()
+    what.add_argument("--env", action="store_true", help='print shell exports instead: eval "$(vllm-ht runtime --env)"')
+    what.add_argument("--dtype", action="store_true",
                    help="print only the dtype to serve in on this CPU: float32 without native bf16 (vllm_ht/cpu_features.py)")
 
     c = sub.add_parser("calibrate", help="time plain and HT steps in vLLM on this machine; fit and save the "

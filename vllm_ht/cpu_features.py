@@ -1,22 +1,28 @@
 """Whether this CPU computes bf16 natively, and so which dtype a CPU engine should serve in.
 
 Speculative decoding adds rows to a step (tree rows, pseudo rows, ngram drafts), and on a CPU
-that only multiplies rows cheaply when the dtype is native. Without AVX512-BF16 or AMX, PyTorch
-and vLLM's CPU build run bf16 matmuls by converting, at a cost that grows with every row: on a
-2-core AMD EPYC (AVX2) a [n, 576] x [576, 1536] bf16 matmul took 125 us at n = 1 and 1,989 us at
-n = 16, fp32 411 us; vLLM's plain decode step at batch 8 took 173 ms in bf16 and 62 ms in fp32
-(docs/benchmarks.md, "CPUs without native bf16"). There every draft row costs about half a plain
-step in bf16, so no draft pays, while fp32 steps cost the same as bf16 ones at batch 1.
+those rows are cheap only in a dtype the CPU multiplies natively. Without bf16 instructions
+(x86: AVX512-BF16 or AMX-BF16; Arm: the BF16 extension) PyTorch and vLLM's CPU build convert bf16,
+at a cost that grows with every row. Measured on a 2-core AMD EPYC with AVX2 only
+(`benchmarks/cpu_dtype.py`, docs/benchmarks.md "CPUs without native bf16"): vLLM's plain decode
+step at batch 8 took 173 ms in bf16 and 62 ms in fp32 (40 and 39 ms at batch 1), and the
+calibrated cost of one draft row was 0.49 plain steps in bf16 against 0.12 in fp32. So where bf16
+is not native, HT (and any speculative method) serves in fp32.
 
-Flags as Linux reports them in /proc/cpuinfo: x86 `avx512_bf16` / `amx_bf16`; Arm `bf16`
-(the "Features" line). Elsewhere (no /proc/cpuinfo) nothing is claimed. This module imports
-neither torch nor vLLM.
+Flags as Linux reports them in /proc/cpuinfo: x86 `avx512_bf16` / `amx_bf16` (the "flags" line),
+Arm `bf16` (the "Features" line). Other machines (s390x's "features" line has none of these, no
+/proc/cpuinfo at all) claim nothing: bf16 stays. CPUs with AVX-512 but without its BF16 part count
+as not native; that was not measured here. This module imports neither torch nor vLLM: the
+Makefile runs it as a script before the virtualenv exists.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+from importlib import metadata
 from pathlib import Path
 
 NATIVE_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16"})
+FLAG_KEYS = ("flags", "features")
 CPUINFO = Path("/proc/cpuinfo")
 
 
@@ -28,15 +34,17 @@ def cpu_flags(cpuinfo: Path = CPUINFO) -> frozenset[str] | None:
         return None
     for line in text.splitlines():
         key, _, value = line.partition(":")
-        if key.strip().lower() in ("flags", "features"):
+        if key.strip().lower() in FLAG_KEYS:
             return frozenset(value.split())
     return None
 
 
 def native_bf16(cpuinfo: Path = CPUINFO) -> bool | None:
-    """True / False where the flags tell, None where they cannot be read."""
+    """True / False where x86 or Arm flags tell, None where they cannot (unreadable, other ISAs)."""
     flags = cpu_flags(cpuinfo)
-    return None if flags is None else bool(flags & NATIVE_BF16_FLAGS)
+    if flags is None or not flags & {"avx2", "avx", "sse2", "asimd", "fp"}:
+        return None
+    return bool(flags & NATIVE_BF16_FLAGS)
 
 
 def serving_dtype(cpuinfo: Path = CPUINFO) -> str:
@@ -48,10 +56,31 @@ def bf16_warning(dtype: str, cpuinfo: Path = CPUINFO) -> str | None:
     """The warning for serving `dtype` on this CPU, or None when there is nothing to say."""
     if "bfloat16" not in str(dtype) or native_bf16(cpuinfo) is not False:
         return None
-    return ("vllm-ht: this CPU has no native bf16 (no AVX512-BF16 or AMX in /proc/cpuinfo): bf16 matmuls are "
-            "converted, every extra row of a step costs about half a plain step, and speculative drafts "
-            "cannot pay. Serve with --dtype float32 (about as fast at batch 1, faster in batches; "
-            "`vllm-ht runtime` prints this CPU's dtype).")
+    return ("vllm-ht: this CPU has no native bf16 (no AVX512-BF16 / AMX-BF16 / Arm BF16 in /proc/cpuinfo): bf16 "
+            "matmuls are converted and every extra row of a step costs far more than in fp32 (0.49 against "
+            "0.12 plain steps on an AVX2 CPU), so speculative drafts rarely pay. Serve with --dtype float32 "
+            "(`vllm-ht runtime --dtype` prints this CPU's dtype; `vllm-ht serve` picks it when --dtype is not given).")
+
+
+def with_serving_dtype(argv: Sequence[str], cpu_build: bool | None = None,
+                       cpuinfo: Path = CPUINFO) -> list[str]:
+    """`vllm-ht serve` arguments: unchanged when they name a dtype or this is not vLLM's CPU build;
+    else with `--dtype float32` added where bf16 is not native (says so on stderr)."""
+    argv = list(argv)
+    if any(a == "--dtype" or a.startswith("--dtype=") for a in argv):
+        return argv
+    if cpu_build is None:
+        try:
+            cpu_build = metadata.version("vllm").endswith("+cpu")
+        except metadata.PackageNotFoundError:
+            cpu_build = False
+    if not cpu_build or serving_dtype(cpuinfo) != "float32":
+        return argv
+    import sys
+
+    print("vllm-ht serve: no --dtype given and this CPU has no native bf16: serving in float32 "
+          "(pass --dtype to choose; vllm_ht/cpu_features.py)", file=sys.stderr)
+    return [*argv, "--dtype", "float32"]
 
 
 if __name__ == "__main__":          # the Makefile's default DTYPE, before the venv exists

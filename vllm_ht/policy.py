@@ -163,8 +163,9 @@ def best_lookup_length(plan: DraftPlan, stats: LookupStats, batch_size: int, cos
     cost, plus the fixed HT step cost when the plan itself does not draft. What a lookup node costs:
     - at batch 1, `row`: the calibration times trees of 1-16 drafts at batch 1 itself, and a chain
       of up to 8 nodes beside the policy's tree stays near that range. Pricing it as a batch row
-      there cut the chains short: fixed 8-node chains ran 51.2 tok/s, tau 2.53, against the
-      shorter chains' 48.3 tok/s, tau 2.30 (benchmarks/results/checkpoint_ab.json);
+      there cut the chains short: with the shipped checkpoint, fixed 8-node chains reached tau 2.53
+      against the priced chains' 2.30 (benchmarks/results/checkpoint_ab.json; single runs whose
+      tokens/s differ within their noise, so the speed effect of this pricing is not measured);
     - above batch 1, a whole extra row of a batch (max of `row` and `plain_row`): `row` is fit
       mostly on small trees, and at batch 4-8 lookup chains of 6-8 nodes measured 2.6-3 plain steps
       per step (benchmarks/results/throughput_hybrid.json)."""

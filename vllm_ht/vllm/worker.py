@@ -7,12 +7,11 @@ from __future__ import annotations
 
 from unittest.mock import patch
 
+from vllm.logger import init_logger
 from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
 from vllm.v1.worker import cpu_worker
 from vllm.v1.worker.cpu_model_runner import CPUModelRunner
 from vllm.v1.worker.cpu_worker import CPUWorker
-
-from vllm.logger import init_logger
 
 from .attention import cpu_backend_for
 from ..cpu_features import bf16_warning
