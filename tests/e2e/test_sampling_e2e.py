@@ -17,6 +17,7 @@ SAMPLES, BATCH, TOKENS = 1500, 60, 5
 CONFIGS = [{}, {"top_p": 0.9}]
 POSITIONS = (1, 2, 3, 4)
 ALPHA = 1e-3
+ENGINE_TIMEOUT = 1200
 
 
 def _p_values(a_outputs, b_outputs) -> dict[tuple[int, int], float]:
@@ -46,13 +47,15 @@ def arms(model_dir, tmp_path_factory):
     args = ["--limit", "1", "--repeat", str(SAMPLES), "--max-tokens", str(TOKENS), "--temperature", "0.8",
             "--seed", "0", "--batch-sizes", str(BATCH), "--request-params", str(params)]
     ht_args = ["--method", "ht", "--checkpoint", str(trained_checkpoint()), "--num-nodes", "4"]
-    plain = run_engine(model_dir, tmp / "p.json", *args)["runs"][str(BATCH)]
-    ht = run_engine(model_dir, tmp / "h.json", *ht_args, *args)["runs"][str(BATCH)]
+    # 1,500 requests per engine: on a 2-core AVX2 CPU the HT engine ran past run_engine's default 390 s
+    plain = run_engine(model_dir, tmp / "p.json", *args, timeout=ENGINE_TIMEOUT)["runs"][str(BATCH)]
+    ht = run_engine(model_dir, tmp / "h.json", *ht_args, *args, timeout=ENGINE_TIMEOUT)["runs"][str(BATCH)]
     biased = run_engine(model_dir, tmp / "b.json", *ht_args, "--ht-options", '{"test_biased_verifier": true}',
-                        *args)["runs"][str(BATCH)]
+                        *args, timeout=ENGINE_TIMEOUT)["runs"][str(BATCH)]
     return plain, ht, biased
 
 
+@pytest.mark.timeout(3 * ENGINE_TIMEOUT)        # the three engines start in the first test's setup
 def test_sampled_tokens_follow_the_target_distribution(arms):
     plain, ht, _ = arms
     # verification really decided tokens: many drafts, a real share of them accepted (floor 0.1)
@@ -65,6 +68,7 @@ def test_sampled_tokens_follow_the_target_distribution(arms):
     assert not bad, f"HT's sampled tokens differ from plain vLLM's at (config, position) {bad}"
 
 
+@pytest.mark.timeout(3 * ENGINE_TIMEOUT)        # the three engines start in the first test's setup
 def test_negative_control_a_biased_verifier_fails(arms):
     plain, _, biased = arms
     assert biased["num_drafts"] > 1000
