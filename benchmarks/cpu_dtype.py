@@ -52,8 +52,9 @@ def engine_costs(model: str) -> dict:
         path = calibration_path(model, dtype)
         if path.exists():
             body = json.loads(path.read_text())
+            short = min(m["context"] for m in body["measurements"])
             plain = {m["batch"]: round(m["ms"], 1) for m in body["measurements"]
-                     if m["kind"] == "plain" and m["context"] == min(x["context"] for x in body["measurements"])}
+                     if m["kind"] == "plain" and m["context"] == short}
             out[dtype] = {"file": str(path), "plain_ms": plain, "costs": body["costs"]}
     return out
 
@@ -68,6 +69,7 @@ def main() -> int:
 
     import torch
 
+    from vllm_ht.calibration import _cpu_name
     from vllm_ht.cpu_features import native_bf16, serving_dtype
 
     print(f"cpu: native bf16 = {native_bf16()}, serving dtype = {serving_dtype()}, torch ISA = "
@@ -89,14 +91,8 @@ def main() -> int:
         Path(args.json).write_text(json.dumps({
             "native_bf16": native_bf16(), "serving_dtype": serving_dtype(),
             "torch_isa": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads(),
-            "processor": _processor(), "matmul": matmul, "engine": engine}, indent=1))
+            "processor": _cpu_name(), "matmul": matmul, "engine": engine}, indent=1))
     return 0
-
-
-def _processor() -> str:
-    from vllm_ht.calibration import _cpu_name
-
-    return _cpu_name()
 
 
 if __name__ == "__main__":
