@@ -62,6 +62,8 @@ def engine_command(args, label: str, out: Path) -> list[str]:
            "--tensor-parallel-size", str(args.tensor_parallel_size), "--out", str(out)]
     if args.enforce_eager:
         cmd.append("--enforce-eager")
+    if args.single_process:
+        cmd.append("--single-process")
     if args.ignore_eos:
         cmd.append("--ignore-eos")
     if method == "ht":
@@ -132,6 +134,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ignore-eos", action="store_true", help="always generate --max-tokens tokens")
     p.add_argument("--enforce-eager", action="store_true", help="run every method eagerly")
     p.add_argument("--tensor-parallel-size", type=int, default=1)
+    p.add_argument("--single-process", action="store_true",
+                   help="each engine's core and worker in one process (vLLM's uni executor): shorter start-up, "
+                        "not the layout `vllm serve` runs; for quick checks, not for reported numbers")
     p.add_argument("--json", default="throughput.json", help="output JSON; the PNG goes beside it")
     args = p.parse_args(argv)
     unknown = [m for m in args.methods if m not in METHODS]

@@ -16,13 +16,17 @@ CHECKPOINT = REPO / "checkpoints" / "smollm2-135m-instruct"
 MT_BENCH = REPO / "data" / "mt_bench_question.jsonl"
 
 
-def run_engine(model_dir, out: Path, *args: str, timeout: int = 390, eager: bool = True) -> dict:
-    """One engine, one process; fp32 unless the args say otherwise; eager unless eager=False.
+def run_engine(model_dir, out: Path, *args: str, timeout: int = 390, eager: bool = True,
+               single_process: bool = True) -> dict:
+    """One engine, one process; fp32 unless the args say otherwise; eager unless eager=False;
+    engine core and worker in that process (the offline tool's --single-process: ~35 s less start-up
+    per engine) unless single_process=False, vLLM's served layout (compiled e2e, tensor parallel).
     timeout: a hung engine fails with its own error, inside pytest's 1200 s per test (pytest.ini),
     even for a test or fixture that runs three engines; a test that raises it raises its own pytest
     timeout mark too (test_sampling_e2e.py)."""
     cmd = [sys.executable, "-m", "vllm_ht.tools.offline", "--model", str(model_dir), "--prompts", str(MT_BENCH),
-           "--dtype", "float32", *(["--enforce-eager"] if eager else []), "--out", str(out), *args]
+           "--dtype", "float32", *(["--enforce-eager"] if eager else []),
+           *(["--single-process"] if single_process else []), "--out", str(out), *args]
     # the runtime `vllm-ht serve` and the benchmark use (tcmalloc + Intel OpenMP preloaded)
     env = {**preload_env(os.environ), "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)

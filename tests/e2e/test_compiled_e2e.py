@@ -1,5 +1,5 @@
 """vLLM's default mode (compiled) with HT is lossless: with a forced depth-3 tree, greedy fp32
-tokens equal compiled plain vLLM's on 20 prompts x 64 tokens, one request at a time and in mixed
+tokens equal compiled plain vLLM's on 12 prompts x 64 tokens, one request at a time and in mixed
 batches of 8. HT steps are the same compiled forward over more rows (pseudo rows join through the
 transfer op), so the test also counts the kinds of step that ran: with pseudo rows, with and
 without trees (16-node trees of depth 3: drafts at depth 3 verified and compacted inside vLLM).
@@ -8,14 +8,15 @@ test checks that both sources' drafts were accepted, and that lookup and pseudo 
 nodes. At batch 8 the row budget leaves no room for a chain beside the forced 16-node tree."""
 from e2e_helpers import run_engine, trained_checkpoint
 
-N, TOKENS = 20, 64
+N, TOKENS = 12, 64
 ARGS = ["--limit", str(N), "--max-tokens", str(TOKENS), "--ignore-eos", "--batch-sizes", "1,8"]
 
 
 def test_compiled_ht_identical_to_compiled_plain(model_dir, tmp_path):
-    plain = run_engine(model_dir, tmp_path / "plain.json", *ARGS, eager=False)
+    # vLLM's served layout: compiled, engine core and worker in their own processes
+    plain = run_engine(model_dir, tmp_path / "plain.json", *ARGS, eager=False, single_process=False)
     ht = run_engine(model_dir, tmp_path / "ht.json", "--method", "ht", "--checkpoint", str(trained_checkpoint()),
-                    "--num-nodes", "16", "--pseudo-nodes", "3", *ARGS, eager=False)
+                    "--num-nodes", "16", "--pseudo-nodes", "3", *ARGS, eager=False, single_process=False)
     for bs in ("1", "8"):
         run = ht["runs"][bs]
         got, want = run["outputs"], plain["runs"][bs]["outputs"]

@@ -1,9 +1,12 @@
-"""Sampling inside vLLM is lossless, with power: T=0.8 (and T=0.8 with top-p 0.9), 1,500
+"""Sampling inside vLLM is lossless, with power: T=0.8 (and T=0.8 with top-p 0.9), 720
 seeded samples of one prompt per engine, 5 tokens each. Tokens at positions 1-4 are decided by tree
 verification (position 0 comes from the prefill); their distribution per position must match plain
 vLLM's (chi-square, Bonferroni over the positions compared). A negative control runs the same test
 through the real vLLM wiring with a deliberately biased verifier (HTOptions.test_biased_verifier):
-it must fail, so the test can tell a lossless verifier from a wrong one at this sample size."""
+it must fail, so the test can tell a lossless verifier from a wrong one at this sample size.
+Measured power (2-core AVX2 CPU; this test applied to the first 720 of an earlier run's 1,500
+samples per arm): at every (config, position) compared the biased verifier's p-value was 4.5e-28 or
+smaller, against a threshold of 1.3e-4; the lossless verifier's smallest was 0.13."""
 import json
 
 import pytest
@@ -11,7 +14,7 @@ from e2e_helpers import run_engine, trained_checkpoint
 
 # batch 60: plain vLLM 0.32's CPU build dies on seeded requests whose prefill is split in chunks
 # (`set_offset` on a CPU generator, gpu_model_runner.py:3502); 60 prompts fit one prefill step
-SAMPLES, BATCH, TOKENS = 1500, 60, 5
+SAMPLES, BATCH, TOKENS = 720, 60, 5
 # request i uses CONFIGS[i % 2]. No top-k: vLLM 0.32's CPU rejection sampler dies on top-k requests
 # under any speculative method (ngram too); HT's own verifier applies top-k (tests/test_verify.py)
 CONFIGS = [{}, {"top_p": 0.9}]
@@ -47,7 +50,7 @@ def arms(model_dir, tmp_path_factory):
     args = ["--limit", "1", "--repeat", str(SAMPLES), "--max-tokens", str(TOKENS), "--temperature", "0.8",
             "--seed", "0", "--batch-sizes", str(BATCH), "--request-params", str(params)]
     ht_args = ["--method", "ht", "--checkpoint", str(trained_checkpoint()), "--num-nodes", "4"]
-    # 1,500 requests per engine: on a 2-core AVX2 CPU the HT engine ran past run_engine's default 390 s
+    # on a 2-core AVX2 CPU the HT engine ran past run_engine's default 390 s with 1,500 requests
     plain = run_engine(model_dir, tmp / "p.json", *args, timeout=ENGINE_TIMEOUT)["runs"][str(BATCH)]
     ht = run_engine(model_dir, tmp / "h.json", *ht_args, *args, timeout=ENGINE_TIMEOUT)["runs"][str(BATCH)]
     biased = run_engine(model_dir, tmp / "b.json", *ht_args, "--ht-options", '{"test_biased_verifier": true}',

@@ -34,7 +34,7 @@ def test_a_wrong_mask_bit_turns_drafting_off_and_serves_plain_tokens(model_dir, 
 @pytest.mark.parametrize("fault, check", [("compact", "compact")])
 def test_strict_mode_stops_the_engine_and_names_the_check(model_dir, tmp_path, fault, check):
     cmd = [sys.executable, "-m", "vllm_ht.tools.offline", "--model", str(model_dir), "--prompts", str(MT_BENCH),
-           "--dtype", "float32", "--enforce-eager", "--out", str(tmp_path / "x.json"), "--method", "ht",
+           "--dtype", "float32", "--enforce-eager", "--single-process", "--out", str(tmp_path / "x.json"), "--method", "ht",
            "--checkpoint", str(trained_checkpoint()), *ARGS,
            "--ht-options", json.dumps({"self_check": "strict", "test_self_check_fault": fault})]
     env = {**preload_env(os.environ), "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}

@@ -39,7 +39,8 @@ def plain_tp1(model_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def ht_tp2(padded_dir, tmp_path_factory):
     return run_engine(padded_dir, tmp_path_factory.mktemp("tp") / "ht_tp2.json", "--method", "ht",
-                      "--checkpoint", str(trained_checkpoint()), "--tensor-parallel-size", "2", *ARGS)
+                      "--checkpoint", str(trained_checkpoint()), "--tensor-parallel-size", "2", *ARGS,
+                      single_process=False)
 
 
 def test_ht_tp2_identical_to_plain_tp1(ht_tp2, plain_tp1):
@@ -69,7 +70,8 @@ def sampled_runs(padded_dir, tmp_path_factory):
     """Seeded sampling with HT at TP=1 and TP=2 on the same (padded) model."""
     out = tmp_path_factory.mktemp("tp")
     common = ["--method", "ht", "--checkpoint", str(trained_checkpoint()), *SAMPLED]
-    return {tp: run_engine(padded_dir, out / f"sampled_tp{tp}.json", "--tensor-parallel-size", str(tp), *common)
+    return {tp: run_engine(padded_dir, out / f"sampled_tp{tp}.json", "--tensor-parallel-size", str(tp), *common,
+                           single_process=tp == 1)
             for tp in (1, 2)}
 
 

@@ -17,7 +17,7 @@ def test_throughput_benchmark_writes_rows_rounds_table_and_plot(model_dir, tmp_p
     cmd = [sys.executable, str(REPO / "benchmarks" / "throughput.py"), "--model", str(model_dir),
            "--checkpoint", str(trained_checkpoint()), "--methods", "plain,ht", "--batch-sizes", "1,2",
            "--num-prompts", "4", "--max-tokens", "12", "--ignore-eos", "--dtype", "float32", "--enforce-eager",
-           "--ht-num-nodes", "4", "--rounds", "2", "--json", str(out)]
+           "--ht-num-nodes", "4", "--rounds", "2", "--single-process", "--json", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1700, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
