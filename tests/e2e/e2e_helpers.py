@@ -35,6 +35,17 @@ def run_engine(model_dir, out: Path, *args: str, timeout: int = 390, eager: bool
     return json.loads(out.read_text())
 
 
+def cheap_calibration(path: Path) -> Path:
+    """A calibration file as `vllm-ht calibrate` writes it, with cheap rows: the default policy
+    drafts whatever this machine's measured costs are (on a 2-core AVX2 CPU they make it draft
+    nothing), and the policy, not the test, still picks the tree and its anchors."""
+    from vllm_ht.calibration import save
+    from vllm_ht.policy import StepCost
+
+    save(path, StepCost(row=0.02, pseudo_row=0.01, fixed=0.05, context=0.0, batch_row=0.02), {}, {})
+    return path
+
+
 def trained_checkpoint() -> Path:
     if not (CHECKPOINT / "config.json").is_file():
         pytest.fail("checkpoints/smollm2-135m-instruct is missing: the shipped checkpoint is part of the repo")

@@ -3,18 +3,14 @@ calibration file as `vllm-ht calibrate` writes it (here: cheap rows, so drafting
 policy, not the test, picks the tree and its anchors); fp32 greedy tokens equal plain vLLM's."""
 import json
 
-from e2e_helpers import run_engine, trained_checkpoint
-
-from vllm_ht.calibration import save
-from vllm_ht.policy import StepCost
+from e2e_helpers import cheap_calibration, run_engine, trained_checkpoint
 
 N, TOKENS = 8, 48
 ARGS = ["--limit", str(N), "--max-tokens", str(TOKENS), "--ignore-eos", "--batch-sizes", "1"]
 
 
 def test_default_policy_drafts_accepts_and_is_lossless(model_dir, tmp_path):
-    calibration = tmp_path / "calibration.json"
-    save(calibration, StepCost(row=0.02, pseudo_row=0.01, fixed=0.05, context=0.0, batch_row=0.02), {}, {})
+    calibration = cheap_calibration(tmp_path / "calibration.json")
     plain = run_engine(model_dir, tmp_path / "plain.json", *ARGS)
     ht = run_engine(model_dir, tmp_path / "ht.json", "--method", "ht", "--checkpoint", str(trained_checkpoint()),
                     "--ht-options", json.dumps({"calibration": str(calibration)}), *ARGS)

