@@ -8,10 +8,12 @@ HT     := $(VENV)/bin/vllm-ht
 STAMP  := $(VENV)/.installed
 HOST   ?= 127.0.0.1
 PORT   ?= 8000
-# bf16 where this CPU computes it natively (AVX512-BF16 / AMX-BF16 / Arm BF16), else fp32: there a
-# bf16 draft row costs 4x an fp32 one (vllm_ht/cpu_features.py). DTYPE=bfloat16 forces it.
+# With an NVIDIA GPU (the test scripts/install.sh uses to install vLLM's CUDA build): bf16. On vLLM's
+# CPU build: bf16 where this CPU computes it natively (AVX512-BF16 / AMX-BF16 / Arm BF16), else fp32:
+# there a bf16 draft row costs 4x an fp32 one (vllm_ht/cpu_features.py). DTYPE=... overrides.
 ifeq ($(origin DTYPE),undefined)
-DTYPE  := $(shell python3 -I vllm_ht/cpu_features.py 2>/dev/null || echo bfloat16)
+DTYPE  := $(shell if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then echo bfloat16; \
+            else python3 -I vllm_ht/cpu_features.py 2>/dev/null || echo bfloat16; fi)
 endif
 # vLLM's CPU build: use both cores for the worker, keep internal traffic on loopback, fixed KV
 # space (GiB); see vllm_ht/vllm/env.py
