@@ -110,7 +110,8 @@ def environment(args) -> dict:
             "torch_version": torch.__version__, "dtype": args.dtype, "git_commit": commit.stdout.strip() or None,
             "model": args.model, "checkpoint": args.checkpoint, "prompts": args.prompts,
             "num_prompts": args.num_prompts, "max_tokens": args.max_tokens, "enforce_eager": args.enforce_eager,
-            "tensor_parallel_size": args.tensor_parallel_size, "rounds": args.rounds,
+            "tensor_parallel_size": args.tensor_parallel_size, "single_process": args.single_process,
+            "rounds": args.rounds,
             "verdict_rule": VERDICT_RULE, "date": time.strftime("%Y-%m-%d %H:%M"),
             "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:])}
 
@@ -144,6 +145,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--methods: choose from {','.join(METHODS)}, got {','.join(args.methods)}")
     if args.rounds < 1:
         p.error("--rounds must be >= 1")
+    if args.single_process and args.tensor_parallel_size > 1:
+        p.error("--single-process runs one worker: drop it for --tensor-parallel-size > 1")
     if min(args.batch_sizes) < 1:
         p.error("--batch-sizes must be positive")
     if not Path(args.prompts).is_file():

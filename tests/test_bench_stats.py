@@ -154,6 +154,9 @@ def test_the_control_engine_runs_plain():
     assert cmd[cmd.index("--method") + 1] == "plain" and "--checkpoint" not in cmd
     cmd = engine_command(args, "ht", Path("out.json"))
     assert cmd[cmd.index("--method") + 1] == "ht" and "--checkpoint" in cmd
+    assert "--single-process" not in cmd                 # the served layout unless asked
+    one = parse_args(["--model", "m", "--methods", "ht", "--single-process"])
+    assert all("--single-process" in engine_command(one, label, Path("o.json")) for label in (AA, "ht"))
 
 
 def test_category_rows_attribute_single_request_chunks_only():

@@ -3,6 +3,7 @@ would install vLLM's CUDA build (a working `nvidia-smi -L`), else this CPU's ser
 (vllm_ht/cpu_features.py); DTYPE=... overrides."""
 import os
 import re
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -11,6 +12,8 @@ import pytest
 from vllm_ht.cpu_features import serving_dtype
 
 REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.skipif(not (shutil.which("make") and shutil.which("python3")),
+                                reason="needs make and python3 on PATH (what the Makefile runs)")
 
 
 def _serve_dtype(tmp_path: Path, nvidia_smi_rc: int | None, *make_args: str) -> str:
@@ -21,7 +24,9 @@ def _serve_dtype(tmp_path: Path, nvidia_smi_rc: int | None, *make_args: str) -> 
         (fake / "nvidia-smi").write_text(f"#!/bin/sh\necho 'GPU 0: test'\nexit {nvidia_smi_rc}\n")
         (fake / "nvidia-smi").chmod(0o755)
         path = f"{fake}:{path}"
-    env = {k: v for k, v in os.environ.items() if k != "DTYPE"} | {"PATH": path}
+    # an outer make (`make test DTYPE=...`) passes its variables down through MAKEFLAGS: drop them too
+    dropped = {"DTYPE", "MAKEFLAGS", "MFLAGS", "MAKEOVERRIDES", "MAKELEVEL"}
+    env = {k: v for k, v in os.environ.items() if k not in dropped} | {"PATH": path}
     proc = subprocess.run(["make", "-n", "serve", *make_args], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=60)
     assert proc.returncode == 0, proc.stderr

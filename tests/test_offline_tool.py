@@ -1,6 +1,7 @@
 """The offline engine tool's command line (vllm_ht/tools/offline.py), without starting an engine."""
 import subprocess
 import sys
+from pathlib import Path
 
 from vllm_ht.tools.offline import build_parser
 
@@ -8,7 +9,7 @@ from vllm_ht.tools.offline import build_parser
 def test_single_process_is_refused_with_tensor_parallelism():
     proc = subprocess.run([sys.executable, "-m", "vllm_ht.tools.offline", "--model", "m", "--prompts", "p",
                            "--out", "o", "--single-process", "--tensor-parallel-size", "2"],
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parents[1])
     assert proc.returncode == 2
     assert "--single-process runs one worker: drop it for --tensor-parallel-size > 1" in proc.stderr
 

@@ -37,7 +37,7 @@ def run_engine(model_dir, out: Path, *args: str, timeout: int = 390, eager: bool
 
 def cheap_calibration(path: Path) -> Path:
     """A calibration file as `vllm-ht calibrate` writes it, with cheap rows: the default policy
-    drafts whatever this machine's measured costs are (on a 2-core AVX2 CPU they make it draft
+    drafts regardless of this machine's measured costs (on a 2-core AVX2 CPU they make it draft
     nothing), and the policy, not the test, still picks the tree and its anchors."""
     from vllm_ht.calibration import save
     from vllm_ht.policy import StepCost

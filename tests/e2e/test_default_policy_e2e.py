@@ -5,7 +5,7 @@ import json
 
 from e2e_helpers import cheap_calibration, run_engine, trained_checkpoint
 
-N, TOKENS = 8, 48
+N, TOKENS = 5, 48
 ARGS = ["--limit", str(N), "--max-tokens", str(TOKENS), "--ignore-eos", "--batch-sizes", "1"]
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from e2e_helpers import run_engine, trained_checkpoint
 
-N, TOKENS = 8, 40
+N, TOKENS = 5, 32
 ARGS = ["--limit", str(N), "--max-tokens", str(TOKENS), "--ignore-eos", "--batch-sizes", "1,8"]
 
 

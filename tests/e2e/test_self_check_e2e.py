@@ -3,7 +3,8 @@ would not be exact. A fault is injected into the engine's own probe step (test-o
 `test_self_check_fault`): one wrong bit in a tree mask, or K/V compacted one slot off. The check
 must name it; the engine then serves plain vLLM's tokens with no drafts ("on", the default), or
 stops at start-up ("strict"). That the check passes on a healthy engine is asserted by the
-compiled fp32 and the bf16 e2e tests (test_compiled_e2e.py, test_offline_e2e.py)."""
+compiled fp32 e2e (test_compiled_e2e.py), the TP=2 e2e, and, where bf16 is the serving dtype
+(native bf16), the bf16 e2e (test_offline_e2e.py)."""
 import json
 import os
 import subprocess

@@ -14,7 +14,7 @@ import pytest
 
 from e2e_helpers import run_engine, trained_checkpoint
 
-N, TOKENS = 10, 48
+N, TOKENS = 6, 48
 # a fixed 4-node tree: the cost policy drafts nothing at batch 5 on this CPU, and the point here is
 # tree verification across ranks at every batch size
 ARGS = ["--limit", str(N), "--max-tokens", str(TOKENS), "--ignore-eos", "--batch-sizes", "1,5", "--num-nodes", "4"]
