@@ -24,15 +24,21 @@ def run_engine(model_dir, out: Path, *args: str, timeout: int = 390, eager: bool
     timeout: a hung engine fails with its own error, inside pytest's 1200 s per test (pytest.ini),
     even for a test or fixture that runs three engines; a test that raises it raises its own pytest
     timeout mark too (test_sampling_e2e.py)."""
+    proc = run_engine_process(model_dir, out, *args, timeout=timeout, eager=eager, single_process=single_process)
+    if proc.returncode != 0:
+        raise AssertionError(f"engine failed ({' '.join(args)}):\n{proc.stderr[-4000:]}")
+    return json.loads(out.read_text())
+
+
+def run_engine_process(model_dir, out: Path, *args: str, timeout: int = 390, eager: bool = True,
+                       single_process: bool = True) -> subprocess.CompletedProcess:
+    """run_engine's process, returned as it ended (for tests that expect the engine to fail)."""
     cmd = [sys.executable, "-m", "vllm_ht.tools.offline", "--model", str(model_dir), "--prompts", str(MT_BENCH),
            "--dtype", "float32", *(["--enforce-eager"] if eager else []),
            *(["--single-process"] if single_process else []), "--out", str(out), *args]
     # the runtime `vllm-ht serve` and the benchmark use (tcmalloc + Intel OpenMP preloaded)
     env = {**preload_env(os.environ), "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
-    if proc.returncode != 0:
-        raise AssertionError(f"engine failed ({' '.join(args)}):\n{proc.stderr[-4000:]}")
-    return json.loads(out.read_text())
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
 
 
 def cheap_calibration(path: Path) -> Path:

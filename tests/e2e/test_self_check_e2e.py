@@ -6,14 +6,9 @@ stops at start-up ("strict"). That the check passes on a healthy engine is asser
 compiled fp32 e2e (test_compiled_e2e.py), the TP=2 e2e, and, where bf16 is the serving dtype
 (native bf16), the bf16 e2e (test_offline_e2e.py)."""
 import json
-import os
-import subprocess
-import sys
 
 import pytest
-from e2e_helpers import MT_BENCH, run_engine, trained_checkpoint
-
-from vllm_ht.runtime import preload_env
+from e2e_helpers import run_engine, run_engine_process, trained_checkpoint
 
 N, TOKENS = 4, 24
 ARGS = ["--limit", str(N), "--max-tokens", str(TOKENS), "--ignore-eos", "--batch-sizes", "1"]
@@ -34,11 +29,7 @@ def test_a_wrong_mask_bit_turns_drafting_off_and_serves_plain_tokens(model_dir, 
 
 @pytest.mark.parametrize("fault, check", [("compact", "compact")])
 def test_strict_mode_stops_the_engine_and_names_the_check(model_dir, tmp_path, fault, check):
-    cmd = [sys.executable, "-m", "vllm_ht.tools.offline", "--model", str(model_dir), "--prompts", str(MT_BENCH),
-           "--dtype", "float32", "--enforce-eager", "--single-process", "--out", str(tmp_path / "x.json"), "--method", "ht",
-           "--checkpoint", str(trained_checkpoint()), *ARGS,
-           "--ht-options", json.dumps({"self_check": "strict", "test_self_check_fault": fault})]
-    env = {**preload_env(os.environ), "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=390, env=env)
+    proc = run_engine_process(model_dir, tmp_path / "x.json", "--method", "ht", "--checkpoint", str(trained_checkpoint()),
+                              *ARGS, "--ht-options", json.dumps({"self_check": "strict", "test_self_check_fault": fault}))
     assert proc.returncode != 0 and not (tmp_path / "x.json").exists()
     assert f"self-check failed {check}" in proc.stderr and "self_check='strict'" in proc.stderr, proc.stderr[-3000:]

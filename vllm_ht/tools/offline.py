@@ -8,8 +8,8 @@ sharing state). --single-process keeps vLLM's engine core and its one worker in 
 `uni` executor, VLLM_ENABLE_V1_MULTIPROCESSING=0): the same model runner, worker and HT code, ~35 s
 less start-up per engine on 2 cores (two fewer Python processes importing vLLM). The tests use it
 wherever the process layout is not what they test; `vllm serve`, tensor parallelism and the
-compiled e2e keep vLLM's multiprocessing layout. Used by the end-to-end tests and the throughput benchmark. Acceptance comes from
-vLLM's own spec-decode counters: a verification step that accepts a path of depth a counts
+compiled e2e keep vLLM's multiprocessing layout. Used by the end-to-end tests and the throughput
+benchmark. Acceptance comes from vLLM's own spec-decode counters: a verification step that accepts a path of depth a counts
 positions 0..a-1, so per-position counts are per-depth counts for trees too.
 """
 from __future__ import annotations
@@ -52,6 +52,10 @@ def spec_metrics(llm) -> dict:
 
 
 def run(args) -> dict:
+    if args.single_process:
+        # read by vLLM when the engine starts (vllm/envs.py); vLLM 0.32's CPU platform turns the `uni`
+        # executor back into `mp` unless it is "0" (vllm/platforms/cpu.py)
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     from vllm import LLM, SamplingParams
 
     from ..prompts import load_prompts
@@ -236,10 +240,7 @@ if __name__ == "__main__":
 
     parser = build_parser()
     a = parser.parse_args()
-    if a.single_process:
-        if a.tensor_parallel_size > 1:
-            parser.error("--single-process runs one worker: drop it for --tensor-parallel-size > 1")
-        # read by vLLM when the engine starts (vllm/envs.py): the engine core runs in this process
-        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    if a.single_process and a.tensor_parallel_size > 1:
+        parser.error("--single-process runs one worker: drop it for --tensor-parallel-size > 1")
     apply_cpu_defaults(a.tensor_parallel_size)
     Path(a.out).write_text(json.dumps(run(a)))
