@@ -41,6 +41,26 @@ def run_engine_process(model_dir, out: Path, *args: str, timeout: int = 390, eag
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
 
 
+# The session's plain vLLM reference (tests/e2e/conftest.py: plain_reference): greedy fp32 tokens,
+# eager, one process, the first REFERENCE_PROMPTS MT-bench prompts x REFERENCE_TOKENS, --ignore-eos.
+REFERENCE_PROMPTS, REFERENCE_TOKENS = 12, 64
+REFERENCE_ARGS = ("--limit", str(REFERENCE_PROMPTS), "--max-tokens", str(REFERENCE_TOKENS), "--ignore-eos",
+                  "--batch-sizes", "1,8")
+
+
+def plain_greedy(reference: dict, n: int, tokens: int) -> list[list[int]]:
+    """Plain vLLM's greedy fp32 tokens for the first n MT-bench prompts, `tokens` each (--ignore-eos),
+    taken from the session's reference run instead of another plain engine. Greedy fp32 decoding in
+    vLLM's CPU build is batch invariant (test_offline_e2e.py checks the reference's batch 1 against
+    its batch 8), and a smaller max_tokens only stops the same decoding earlier."""
+    if n > REFERENCE_PROMPTS or tokens > REFERENCE_TOKENS:
+        raise ValueError(f"the plain reference has {REFERENCE_PROMPTS} prompts x {REFERENCE_TOKENS} tokens, "
+                         f"not {n} x {tokens}: raise REFERENCE_PROMPTS / REFERENCE_TOKENS")
+    outputs = reference["runs"]["1"]["outputs"][:n]
+    assert all(len(o) == REFERENCE_TOKENS for o in outputs), "the reference ran with --ignore-eos"
+    return [o[:tokens] for o in outputs]
+
+
 def cheap_calibration(path: Path) -> Path:
     """A calibration file as `vllm-ht calibrate` writes it, with cheap rows: the default policy
     drafts regardless of this machine's measured costs (on a 2-core AVX2 CPU they make it draft
