@@ -1,13 +1,17 @@
 """Sampling inside vLLM is lossless, with power: T=0.8 (and T=0.8 with top-p 0.9), 360
 seeded samples of one prompt per engine, 5 tokens each. Tokens at positions 1-4 are decided by tree
-verification (position 0 comes from the prefill); their distribution per position must match plain
-vLLM's (chi-square, Bonferroni over the positions compared). A negative control runs the same test
-through the real vLLM wiring with a deliberately biased verifier (HTOptions.test_biased_verifier):
+verification; position 0, the prefill's, is drawn by the verifier's rule on a one-node tree (the
+runner draws every token of a seeded request so, tree or not: vllm_ht/vllm/runner.py). Their
+distribution per position must match plain vLLM's (chi-square, Bonferroni over the positions
+compared). A negative control runs the same test through the real vLLM wiring with a deliberately biased verifier (HTOptions.test_biased_verifier):
 it must fail, so the test can tell a lossless verifier from a wrong one at this sample size.
 Measured power (2-core AVX2 CPU; this test applied to the first 360 of an earlier run's 1,500
-samples per arm): at every (config, position) compared the biased verifier's p-value was 2.1e-11 or
-smaller, against a threshold of 1.3e-4; the lossless verifier's smallest was 0.34. That run had
-5,319 drafts in the HT arm and 3,000 in the biased one (1,500 samples each)."""
+samples per arm, positions 1-4): at every (config, position) compared the biased verifier's p-value
+was 2.1e-11 or smaller, against a threshold of 1.3e-4; the lossless verifier's smallest was 0.34.
+That run had 5,319 drafts in the HT arm and 3,000 in the biased one (1,500 samples each). With
+position 0 too (10 comparisons, threshold 1e-4), a run of this test: the biased verifier's p-values
+at positions 1-4 were 2.6e-12 or smaller, the lossless one's smallest 0.13 (1,247 drafts); at
+position 0 both HT arms drew the same tokens (same seeds, same rule, no tree), p 0.55 and 0.16."""
 import json
 
 import pytest
@@ -19,7 +23,7 @@ SAMPLES, BATCH, TOKENS = 360, 60, 5
 # request i uses CONFIGS[i % 2]. No top-k: vLLM 0.32's CPU rejection sampler dies on top-k requests
 # under any speculative method (ngram too); HT's own verifier applies top-k (tests/test_verify.py)
 CONFIGS = [{}, {"top_p": 0.9}]
-POSITIONS = (1, 2, 3, 4)
+POSITIONS = (0, 1, 2, 3, 4)
 ALPHA = 1e-3
 ENGINE_TIMEOUT = 1200
 

@@ -7,7 +7,10 @@ One step, per request (DESIGN §1, in vLLM's terms):
                    rows of the same compiled forward (HTStep in the forward context, step.py);
   _sample          vLLM's own sampler runs first (plain requests stay exactly stock); each tree
                    request is then re-decided by `verify_tree` and its accepted nodes' K/V are
-                   compacted to contiguous slots, so the scheduler's count-based rollback is right;
+                   compacted to contiguous slots, so the scheduler's count-based rollback is right.
+                   A seeded sampled request draws every token by the verifier's rule, once per
+                   token, with or without a tree (vLLM's sampler does not see its generator): its
+                   tokens do not depend on the drafts it got;
   propose_draft_token_ids
                    the accepted node's pseudo rows -> top-r tokens per depth -> the next tree,
                    merged with a prompt-lookup chain (a hybrid tree, vllm_ht/hybrid.py).
@@ -16,6 +19,7 @@ drafts and decode plainly.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections import Counter
 from dataclasses import dataclass, field
@@ -29,7 +33,7 @@ from vllm_ht import kernels
 from .. import hybrid
 from ..hybrid import Draft
 from ..tree import TokenTree
-from ..verify import SamplingParams, verify_tree
+from ..verify import SamplingParams, sample_token, verify_tree
 from .attention import STEP_KEY
 from .prometheus import publish_source_counts
 from .self_check import SelfCheckReport, run_self_check
@@ -59,7 +63,7 @@ class StepState:
 
     Hook order in vLLM's V1 runner (each reads what the ones before it wrote):
       execute_model            StepState(sched)
-      _model_forward           .plan, .step (tree masks, pseudo rows), .block_table, .cache_layout;
+      _model_forward           .plan, .step (tree masks, pseudo rows), .untreed, .block_table, .cache_layout;
                                after the forward .pseudo_hidden
       _compute_logits          .pseudo_top (the pseudo rows ride along the real rows' LM head)
       sample_tokens -> _sample .rng_snapshots, .accepted (verification), then KV compaction
@@ -76,6 +80,7 @@ class StepState:
     block_table: torch.Tensor | None = None
     cache_layout: str = kernels.ROWS
     rng_snapshots: dict = field(default_factory=dict)
+    untreed: set[int] = field(default_factory=set)   # draft-eligible requests sampling a token without a tree
 
 
 class HTRunnerMixin:
@@ -186,6 +191,7 @@ class HTRunnerMixin:
                 positions[start + 1 : start + n] = positions[start] + tree.depths[1:].to(positions.device)
             elif not drafts and batch.num_computed_tokens_cpu[i] + n >= batch.num_tokens_no_spec[i]:
                 last_rows[i] = n - 1                  # samples this step (partial prefill chunks do not)
+        self.ht.untreed = {i for i in last_rows if self._wants_drafts(req_ids[i])}
         step = HTStep.build(q_lens, trees)
         # The policy's batch size is every request in the step (prefill chunks too): counting only
         # the sampling ones would plan batch-1 trees while other prompts are still prefilling.
@@ -283,16 +289,22 @@ class HTRunnerMixin:
         st = self.ht
         if st is not None:
             st.rng_snapshots = self._snapshot_discarded_generators()
-        out = super()._sample(logits, spec_decode_metadata)
         step = st.step if st is not None else None
+        verifying = step is not None and spec_decode_metadata is not None and bool(step.trees)
+        redraw = self._seeded_untreed(st) if step is not None else {}
+        with self._generators_held([*(step.trees if verifying else ()), *redraw]):
+            out = super()._sample(logits, spec_decode_metadata)
         if step is None:
             return out
         accepted = {i: [n - 1] for i, n in enumerate(step.q_lens)}
         sampled = out.sampled_token_ids
-        verifying = spec_decode_metadata is not None and bool(step.trees)
-        if verifying:
+        ends = (spec_decode_metadata.cu_num_sampled_tokens.tolist() if spec_decode_metadata is not None
+                else list(range(1, len(step.q_lens) + 1)))                  # logits rows per request, summed
+        if redraw or verifying:
             sampled = sampled.clone()
-            ends = spec_decode_metadata.cu_num_sampled_tokens.tolist()     # logits rows per request, summed
+        for i, (params, gen) in redraw.items():
+            sampled[i, 0] = sample_token(logits[ends[i] - 1], params, gen)
+        if verifying:
             argmax = logits.argmax(-1).tolist()                            # every greedy decision at once
             req_ids = self.input_batch.req_ids
             for i, tree in sorted(step.trees.items()):
@@ -316,6 +328,31 @@ class HTRunnerMixin:
         if verifying:
             self._compact(step)
         return out
+
+    def _seeded_untreed(self, st: StepState) -> dict[int, tuple[SamplingParams, torch.Generator]]:
+        """Seeded, sampled, draft-eligible requests that sample a token this step without a tree
+        (a prefill, or a decode whose accepted node carried no pseudo rows and found no lookup
+        chain): drawn by the verifier's rule too, so such a request draws once per token by one
+        rule whether or not a step had a tree."""
+        out = {}
+        for i in sorted(st.untreed):
+            params, gen = self._request_params(i)
+            if gen is not None and not params.greedy:
+                out[i] = (params, gen)
+        return out
+
+    @contextlib.contextmanager
+    def _generators_held(self, requests):
+        """Keep these requests' seeded generators away from vLLM's sampler, whose tokens for them
+        we replace (`verify_tree`, `sample_token`). Its rejection sampler draws per draft row, so
+        the stream would depend on the tree; without it, a seeded request draws once per emitted
+        token: its tokens do not depend on its drafts (nor on draft near-ties between TP sizes)."""
+        gens = self.input_batch.generators
+        held = {i: gens.pop(i) for i in requests if i in gens}
+        try:
+            yield
+        finally:
+            gens.update(held)
 
     def _count_sources(self, drafts: dict[int, Draft], accepted: dict[int, list[int]]) -> None:
         """Per-source draft and accepted nodes (Prometheus, benchmark JSON) and the lookup chains'
