@@ -1,6 +1,7 @@
 """The HT step without an engine: HTStep / pseudo-row layout against step.py's worked example, the
 transfer op, the runner's scheduled tree under scheduler cuts, its persistent input buffers with
-padding, and KV compaction moves."""
+padding, KV compaction moves, the sampling hook's hold on seeded generators (against a stand-in
+for vLLM's sampler) and the custom logits processor check."""
 from types import SimpleNamespace
 
 import pytest
@@ -150,3 +151,69 @@ def test_only_the_rows_the_next_tree_reads(depth):
     step = HTStep.build([1], {})
     step.add_pseudo_rows({0: [0]}, depth=depth, start=1, positions=torch.tensor([7]), joins={3: [0, 1, 2]})
     assert step.pseudo.num_rows == depth and step.pseudo.positions.tolist() == list(range(8, 8 + depth))
+
+
+class _StockSampler:
+    """Stands in for vLLM's `_sample`: greedy tokens, and one draw from every generator it sees
+    (vLLM's draws per request and per draft row)."""
+    def _sample(self, logits, spec_decode_metadata):
+        self.seen = dict(self.input_batch.generators)
+        for gen in self.seen.values():
+            torch.rand(3, generator=gen)
+        return SimpleNamespace(sampled_token_ids=logits.argmax(-1, keepdim=True))
+
+
+class _Runner(HTRunnerMixin, _StockSampler):
+    pass
+
+
+def _runner_with(untreed: set[int], seeds: dict[int, int]):
+    """Two requests decoding one row each, no trees: 0 sampled (T=0.8), 1 greedy; generators by seed."""
+    import numpy as np
+
+    r = _Runner.__new__(_Runner)
+    gens = {i: torch.Generator().manual_seed(s) for i, s in seeds.items()}
+    params = [SimpleNamespace(temperature=0.8, top_k=0, top_p=1.0), SimpleNamespace(temperature=0.0, top_k=0, top_p=1.0)]
+    r.requests = {rid: SimpleNamespace(sampling_params=params[i], generator=gens.get(i)) for i, rid in enumerate("ab")}
+    r.input_batch = SimpleNamespace(generators=dict(gens), req_ids=["a", "b"], num_reqs=2, vocab_size=50)
+    r.discard_request_mask = SimpleNamespace(np=np.zeros(2, dtype=bool))
+    r.__dict__["_ht_tp_group"] = None                      # TP=1 (cached_property, set directly)
+    r.ht = StepState(sched=None, step=HTStep.build([1, 1], {}), untreed=untreed)
+    return r, gens
+
+
+def test_seeded_request_without_a_tree_draws_by_the_verifier_rule_with_its_generator():
+    from vllm_ht.verify import SamplingParams, sample_token
+
+    logits = torch.randn(2, 50, generator=torch.Generator().manual_seed(3))
+    r, gens = _runner_with({0, 1}, {0: 11})
+    out = r._sample(logits, None)
+    want = sample_token(logits[0], SamplingParams(0.8), torch.Generator().manual_seed(11))
+    assert out.sampled_token_ids[:, 0].tolist() == [want, int(logits[1].argmax())]
+    assert r.seen == {} and r.input_batch.generators == gens       # vLLM's sampler did not see it; restored
+    after_one_draw = torch.Generator().manual_seed(11)
+    sample_token(logits[0], SamplingParams(0.8), after_one_draw)
+    assert torch.equal(gens[0].get_state(), after_one_draw.get_state())   # exactly one draw
+
+
+def test_requests_outside_untreed_keep_vllms_sampling():
+    """A request HT does not decide this step (not draft-eligible, a discarded prefill chunk, or an
+    engine that cannot draft): vLLM's sampler uses its generator and its token stands."""
+    logits = torch.randn(2, 50, generator=torch.Generator().manual_seed(3))
+    r, gens = _runner_with(set(), {0: 11})
+    out = r._sample(logits, None)
+    assert r.seen == {0: gens[0]}
+    assert out.sampled_token_ids[:, 0].tolist() == logits.argmax(-1).tolist()
+
+
+def test_custom_logits_processors_are_named_and_builtins_are_not():
+    from vllm.v1.sample.logits_processor import BUILTIN_LOGITS_PROCESSORS
+
+    from vllm_ht.vllm.runner import custom_logits_processors
+
+    class WatermarkProcessor:
+        pass
+
+    builtins = [cls.__new__(cls) for cls in BUILTIN_LOGITS_PROCESSORS]
+    assert custom_logits_processors(SimpleNamespace(all=builtins)) == []
+    assert custom_logits_processors(SimpleNamespace(all=[*builtins, WatermarkProcessor()])) == ["WatermarkProcessor"]

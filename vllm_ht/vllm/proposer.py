@@ -114,6 +114,11 @@ class HTProposer:
             return 0
         return best_lookup_length(plan, self.lookup_stats, max(batch_size, 1), self.cost, min(room, opts.max_lookup_nodes))
 
+    @property
+    def can_draft(self) -> bool:
+        """Whether any draft source may still propose (no refusal; pseudo rows or lookup on)."""
+        return self.refusal is None and (self.options.pseudo or self.lookup is not None)
+
     def refuse(self, reason: str) -> None:
         """Draft nothing from now on (every step a plain step); cached plans are dropped."""
         self.refusal = reason

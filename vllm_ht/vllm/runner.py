@@ -57,6 +57,16 @@ def chain_only_reason(sp) -> str | None:
     return next((name for name, hit in checks.items() if hit), None)
 
 
+def custom_logits_processors(logitsprocs) -> list[str]:
+    """Class names of the engine's logits processors other than vLLM's built-in ones (min_p, logit
+    bias, min tokens: chain_only_reason covers their requests). Verification does not apply them,
+    and which requests such a processor acts on cannot be told from outside (often per-request
+    `extra_args`), so while one is loaded no request drafts."""
+    from vllm.v1.sample.logits_processor import BUILTIN_LOGITS_PROCESSORS
+
+    return sorted({type(p).__name__ for p in logitsprocs.all if type(p) not in BUILTIN_LOGITS_PROCESSORS})
+
+
 @dataclass
 class StepState:
     """One engine step's HT state: created by `execute_model`, cleared after drafting.
@@ -162,12 +172,18 @@ class HTRunnerMixin:
         return super().execute_model(scheduler_output, intermediate_tensors)
 
     # ---- forward ---------------------------------------------------------------------------
+    @functools.cached_property
+    def _custom_logits_processors(self) -> list[str]:
+        return custom_logits_processors(self.input_batch.logitsprocs)
+
     def _wants_drafts(self, req_id: str) -> bool:
         state = self.requests.get(req_id)
         sp = getattr(state, "sampling_params", None)
         if sp is None:
             return False
         reason = chain_only_reason(sp)
+        if reason is None and self._custom_logits_processors:
+            reason = "custom logits processors (" + ", ".join(self._custom_logits_processors) + ")"
         if reason:
             log.warning_once("vllm-ht: requests using %s (and other chain-only features) decode without drafts",
                              reason)
@@ -191,7 +207,8 @@ class HTRunnerMixin:
                 positions[start + 1 : start + n] = positions[start] + tree.depths[1:].to(positions.device)
             elif not drafts and batch.num_computed_tokens_cpu[i] + n >= batch.num_tokens_no_spec[i]:
                 last_rows[i] = n - 1                  # samples this step (partial prefill chunks do not)
-        self.ht.untreed = {i for i in last_rows if self._wants_drafts(req_ids[i])}
+        if self.drafter.can_draft:     # else HT decodes as plain vLLM, seeded draws included
+            self.ht.untreed = {i for i in last_rows if self._wants_drafts(req_ids[i])}
         step = HTStep.build(q_lens, trees)
         # The policy's batch size is every request in the step (prefill chunks too): counting only
         # the sampling ones would plan batch-1 trees while other prompts are still prefilling.
@@ -292,18 +309,22 @@ class HTRunnerMixin:
         step = st.step if st is not None else None
         verifying = step is not None and spec_decode_metadata is not None and bool(step.trees)
         redraw = self._seeded_untreed(st) if step is not None else {}
+        ends = []
+        if redraw or verifying:       # logits rows per request, summed (one row each without drafts)
+            ends = (spec_decode_metadata.cu_num_sampled_tokens.tolist() if spec_decode_metadata is not None
+                    else list(range(1, len(step.q_lens) + 1)))
+        # before vLLM's sampler, which may scale and mask its logits in place
+        redrawn = {i: sample_token(logits[ends[i] - 1], params, gen) for i, (params, gen) in redraw.items()}
         with self._generators_held([*(step.trees if verifying else ()), *redraw]):
             out = super()._sample(logits, spec_decode_metadata)
         if step is None:
             return out
         accepted = {i: [n - 1] for i, n in enumerate(step.q_lens)}
         sampled = out.sampled_token_ids
-        ends = (spec_decode_metadata.cu_num_sampled_tokens.tolist() if spec_decode_metadata is not None
-                else list(range(1, len(step.q_lens) + 1)))                  # logits rows per request, summed
         if redraw or verifying:
             sampled = sampled.clone()
-        for i, (params, gen) in redraw.items():
-            sampled[i, 0] = sample_token(logits[ends[i] - 1], params, gen)
+        for i, token in redrawn.items():
+            sampled[i, 0] = token
         if verifying:
             argmax = logits.argmax(-1).tolist()                            # every greedy decision at once
             req_ids = self.input_batch.req_ids
