@@ -12,18 +12,24 @@ test checks that both sources' drafts were accepted, and that lookup and pseudo 
 nodes. At batch 8 the row budget leaves no room for a chain beside the forced 16-node tree.
 The engine runs in one process (the offline tool's --single-process): vLLM compiles in its worker
 either way, and the served multiprocess layout is what the server e2e runs."""
+import pytest
 from e2e_helpers import REFERENCE_ARGS, run_engine, trained_checkpoint
 
 N, TOKENS = 12, 64
 ARGS = list(REFERENCE_ARGS)           # 12 prompts x 64 tokens, --ignore-eos, batch 1 and 8
+# compiling is most of an engine's time: 280 s for the HT engine on a 2-core AVX2 CPU one day, over
+# run_engine's default 390 s on the same machine another
+ENGINE_TIMEOUT = 560
 
 
+@pytest.mark.timeout(1500)   # the session's eager reference may start in this test's setup, then 1-2 engines
 def test_compiled_ht_identical_to_plain(model_dir, tmp_path, plain_reference):
     ht = run_engine(model_dir, tmp_path / "ht.json", "--method", "ht", "--checkpoint", str(trained_checkpoint()),
-                    "--num-nodes", "16", "--pseudo-nodes", "3", *ARGS, eager=False)
+                    "--num-nodes", "16", "--pseudo-nodes", "3", *ARGS, eager=False, timeout=ENGINE_TIMEOUT)
     plain, baseline = plain_reference, "plain vLLM (eager reference)"
     if any(ht["runs"][bs]["outputs"] != plain["runs"][bs]["outputs"] for bs in ("1", "8")):
-        plain, baseline = run_engine(model_dir, tmp_path / "plain.json", *ARGS, eager=False), "compiled plain vLLM"
+        plain, baseline = run_engine(model_dir, tmp_path / "plain.json", *ARGS, eager=False,
+                                     timeout=ENGINE_TIMEOUT), "compiled plain vLLM"
     for bs in ("1", "8"):
         run = ht["runs"][bs]
         got, want = run["outputs"], plain["runs"][bs]["outputs"]
