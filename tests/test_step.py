@@ -217,3 +217,24 @@ def test_custom_logits_processors_are_named_and_builtins_are_not():
     builtins = [cls.__new__(cls) for cls in BUILTIN_LOGITS_PROCESSORS]
     assert custom_logits_processors(SimpleNamespace(all=builtins)) == []
     assert custom_logits_processors(SimpleNamespace(all=[*builtins, WatermarkProcessor()])) == ["WatermarkProcessor"]
+
+
+def test_discarded_samples_leave_the_generator_as_before_sampling():
+    """A partial prefill chunk's sample is discarded: vLLM's rewind (`set_offset`, CUDA only) does not
+    see the generator, and its state is put back to the snapshot taken before sampling."""
+    class Bookkeeping:
+        def _bookkeeping_sync(self):
+            self.seen = dict(self.input_batch.generators)
+
+    class Runner(HTRunnerMixin, Bookkeeping):
+        pass
+
+    r = Runner.__new__(Runner)
+    gen = torch.Generator().manual_seed(5)
+    before = gen.get_state()
+    torch.rand(4, generator=gen)                           # the discarded draw
+    r.input_batch = SimpleNamespace(generators={0: gen})
+    r.ht = StepState(sched=None, rng_snapshots={0: before})
+    r._bookkeeping_sync()
+    assert r.seen == {} and r.input_batch.generators == {0: gen} and r.ht.rng_snapshots == {}
+    assert torch.equal(gen.get_state(), before)

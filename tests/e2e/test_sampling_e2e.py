@@ -3,8 +3,9 @@ seeded samples of one prompt per engine, 5 tokens each. Tokens at positions 1-4 
 verification; position 0, the prefill's, is drawn by the verifier's rule on a one-node tree (the
 runner draws every token of a seeded request so, tree or not: vllm_ht/vllm/runner.py). Their
 distribution per position must match plain vLLM's (chi-square, Bonferroni over the positions
-compared). A negative control runs the same test through the real vLLM wiring with a deliberately biased verifier (HTOptions.test_biased_verifier):
-it must fail, so the test can tell a lossless verifier from a wrong one at this sample size.
+compared). A negative control runs the same test through the real vLLM wiring with a deliberately
+biased verifier (HTOptions.test_biased_verifier): it must fail, so the test can tell a lossless
+verifier from a wrong one at this sample size.
 Measured power (2-core AVX2 CPU; this test applied to the first 360 of an earlier run's 1,500
 samples per arm, positions 1-4): at every (config, position) compared the biased verifier's p-value
 was 2.1e-11 or smaller, against a threshold of 1.3e-4; the lossless verifier's smallest was 0.34.

@@ -29,6 +29,7 @@ ARGS = ["--limit", str(N), "--max-tokens", str(TOKENS), "--ignore-eos", "--batch
 TREES = {2: ["--num-nodes", "4", "--ht-options", '{"lookup_nodes": 2}'],
          1: ["--num-nodes", "6", "--ht-options", '{"lookup": false}']}
 
+
 @pytest.fixture(scope="module")
 def padded_dir(model_dir):
     """The user's way: `vllm-ht prepare-model --pad-heads-for-tp 2` prints the copy's folder."""

@@ -364,10 +364,12 @@ class HTRunnerMixin:
 
     @contextlib.contextmanager
     def _generators_held(self, requests):
-        """Keep these requests' seeded generators away from vLLM's sampler, whose tokens for them
-        we replace (`verify_tree`, `sample_token`). Its rejection sampler draws per draft row, so
-        the stream would depend on the tree; without it, a seeded request draws once per emitted
-        token: its tokens do not depend on its drafts (nor on draft near-ties between TP sizes)."""
+        """Keep these requests' seeded generators away from vLLM while the block runs: from its
+        sampler, whose tokens for them we replace (`verify_tree`, `sample_token`), and from its
+        rewind of discarded samples (`_bookkeeping_sync`). vLLM's rejection sampler draws per draft
+        row, so the stream would depend on the tree; without it, a seeded request draws once per
+        emitted token: its tokens do not depend on its drafts (nor on draft near-ties between TP
+        sizes)."""
         gens = self.input_batch.generators
         held = {i: gens.pop(i) for i in requests if i in gens}
         try:
@@ -420,13 +422,13 @@ class HTRunnerMixin:
     def _bookkeeping_sync(self, *args, **kwargs):
         snapshots = self.ht.rng_snapshots if self.ht is not None else {}
         gens = self.input_batch.generators
-        held = {i: gens.pop(i) for i in snapshots if i in gens}
         try:
-            return super()._bookkeeping_sync(*args, **kwargs)
+            with self._generators_held(snapshots):
+                return super()._bookkeeping_sync(*args, **kwargs)
         finally:
-            for i, gen in held.items():
-                gen.set_state(snapshots[i])
-                gens[i] = gen
+            for i, state in snapshots.items():
+                if i in gens:
+                    gens[i].set_state(state)
             if self.ht is not None:
                 self.ht.rng_snapshots = {}
 
