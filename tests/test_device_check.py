@@ -126,6 +126,26 @@ def test_roofline_and_step_costs(dry_run):
         assert fields["fixed"] + fields["row"] + fields["pseudo_row"] > 0, fields
 
 
+
+def test_plot_reads_the_results(dry_run, tmp_path):
+    """scripts/device_plot.py turns a device_check.json into its figure; the ratios it draws are the
+    JSON's own step times over the plain step at the same batch and context."""
+    from device_plot import plot, roofline_shares, step_ratios
+    _, results, _ = dry_run
+    ratios, context, mode = step_ratios(results)
+    assert mode == "eager" and set(ratios) == set(results["stages"]["step_costs"]["models"])
+    model, per_batch = next(iter(ratios.items()))
+    batch, bars = next(iter(per_batch.items()))
+    steps = [s for s in results["stages"]["step_costs"]["models"][model]["steps"]
+             if s["context"] == context and s["batch"] == batch and s["mode"] == mode]
+    plain = next(s["step_ms"] for s in steps if s["nodes"] == 0)
+    first_tree = next(s for s in steps if s["nodes"] > 0)
+    assert math.isclose(bars[0][1], first_tree["step_ms"] / plain)
+    shares, _ = roofline_shares(results)
+    assert shares and all(0 < share for pts in shares.values() for _, share in pts)
+    png = plot(results, tmp_path / "check.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
 # -- what decides pass / fail --------------------------------------------------------------------
 
 def small_problem(dtype=torch.float16):
