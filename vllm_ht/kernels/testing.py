@@ -42,7 +42,12 @@ class TreeAttentionProblem:
                 self.window_key, self.window_value, self.window_start_loc, self.window_mask, self.scale)
 
 
-def start_loc(counts: Sequence[int], device="cpu") -> torch.Tensor:
+def _device(device) -> torch.device:
+    """`device`, or torch's default device (the current `with torch.device(...)` one) for None."""
+    return torch.get_default_device() if device is None else torch.device(device)
+
+
+def start_loc(counts: Sequence[int], device=None) -> torch.Tensor:
     """Exclusive prefix sum with the total appended: [2, 3, 0] -> [0, 2, 5, 5] (int32)."""
     out = [0]
     for c in counts:
@@ -77,12 +82,14 @@ def make_problem(
     masks: Sequence[torch.Tensor] | None = None,  # per sequence bool [rows_b, windows_b]
     spare_blocks: int = 3,
     huge: bool = False,     # cache view of > 2**31 elements (only the used blocks are written)
-    device="cpu",
+    device=None,            # None: torch's default device (tests/kernels/conftest.py sets it)
     seed: int = 0,
 ) -> TreeAttentionProblem:
     """A random problem; everything but the masks is drawn on `device` from generators seeded by `seed`."""
+    device = _device(device)
     windows = list(rows) if windows is None else list(windows)
-    cpu_gen = torch.Generator().manual_seed(seed)
+    cpu_gen = torch.Generator(device="cpu").manual_seed(seed)     # CPU-side draws stay on the CPU, whatever
+    # torch's default device is (tests/kernels/conftest.py makes it CUDA for Triton tests on a GPU)
     gen = torch.Generator(device=device).manual_seed(seed)
     pages = [(c + block_size - 1) // block_size for c in contexts]
     used = sum(pages)
@@ -90,26 +97,27 @@ def make_problem(
         # NOTE: torch.empty never commits untouched pages, so this costs only the used blocks;
         # their offsets pass 2**31 elements, which catches 32-bit index arithmetic.
         num_blocks = HUGE_BLOCK_ELEMENTS // (num_kv_heads * block_size * 2 * head_dim) + 1
-        ids = num_blocks - 1 - torch.randperm(max(used, 1), generator=cpu_gen)   # the highest block ids
+        ids = num_blocks - 1 - torch.randperm(max(used, 1), generator=cpu_gen, device="cpu")   # the highest block ids
     else:
         num_blocks = used + spare_blocks
-        ids = torch.randperm(num_blocks, generator=cpu_gen)[:used]
+        ids = torch.randperm(num_blocks, generator=cpu_gen, device="cpu")[:used]
     kv_cache = _paged_cache(num_blocks, num_kv_heads, block_size, head_dim, dtype, layout, device)
     written = ids.to(device) if huge else torch.arange(num_blocks, device=device)
     kv_cache[written] = torch.randn((written.numel(),) + tuple(kv_cache.shape[1:]), generator=gen,
                                     device=device).to(dtype)
     block_table = torch.randint(0, num_blocks, (len(rows), max(pages + [1])), generator=cpu_gen,
-                                dtype=torch.int32)          # entries past a sequence's pages are junk
+                                dtype=torch.int32, device="cpu")          # entries past a sequence's pages are junk
     offset = 0
     for b, n in enumerate(pages):
         block_table[b, :n] = ids[offset:offset + n].to(torch.int32)
         offset += n
     if masks is None:
-        masks = [torch.rand(r, w, generator=cpu_gen) < 0.5 for r, w in zip(rows, windows)]
-    bool_mask = torch.zeros(sum(rows), max(num_mask_words(max(windows + [0])), 1) * 32, dtype=torch.bool)
+        masks = [torch.rand(r, w, generator=cpu_gen, device="cpu") < 0.5 for r, w in zip(rows, windows)]
+    bool_mask = torch.zeros(sum(rows), max(num_mask_words(max(windows + [0])), 1) * 32, dtype=torch.bool,
+                            device="cpu")
     r0 = 0
     for m, r in zip(masks, rows):
-        bool_mask[r0:r0 + r, : m.shape[1]] = m
+        bool_mask[r0:r0 + r, : m.shape[1]] = m.to("cpu")
         r0 += r
 
     def randn(*shape):
@@ -130,10 +138,11 @@ def make_problem(
 
 
 def compact_layers(kind: str, num_layers: int = 3, shape: tuple[int, int, int, int] = (10, 2, 4, 32),
-                   dtype: torch.dtype = torch.float32, device="cpu") -> list[torch.Tensor]:
+                   dtype: torch.dtype = torch.float32, device=None) -> list[torch.Tensor]:
     """Random per-layer caches [blocks, heads, block_size, 2D] for kv_compact: 'stacked' (views of
     one allocation, like vLLM's), 'separate' allocations, or 'lbnhc' (stacked, each layer a
     transposed non-contiguous view)."""
+    device = _device(device)
     gen = torch.Generator(device=device).manual_seed(0)
     if kind == "separate":
         return [torch.randn(shape, generator=gen, device=device).to(dtype) for _ in range(num_layers)]
