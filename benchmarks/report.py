@@ -17,9 +17,11 @@ def _range(lo, hi) -> str:
 
 def table(rows: list[dict]) -> str:
     """Median tok/s and speedup over the rounds, the speedup's spread (min-max), the A/A band at
-    that batch size and the verdict; then tau, latencies, identity and acceptance (pooled)."""
+    that batch size and the verdict; then tau, tokens per step, latencies, identity and acceptance
+    (pooled)."""
     head = (f"{'method':<9} {'batch':>5} {'tok/s':>8} {'speedup':>8} {'spread':>9} {'A/A band':>9} "
-            f"{'verdict':<12} {'tau':>5} {'TTFT ms':>8} {'TPOT ms':>8} {'identical':>9}  acceptance per depth")
+            f"{'verdict':<12} {'tau':>5} {'tok/step':>8} {'TTFT ms':>8} {'TPOT ms':>8} {'identical':>9}  "
+            "acceptance per depth")
     lines = [head, "-" * len(head)]
     for r in rows:
         depth = " ".join(f"{a:.2f}" for a in r["acceptance_per_depth"]) or "-"
@@ -27,6 +29,7 @@ def table(rows: list[dict]) -> str:
         lines.append(f"{r['method']:<9} {r['batch_size']:>5} {r['output_tokens_per_s']:>8.1f} {speedup:>8} "
                      f"{_range(r['speedup_min'], r['speedup_max']):>9} {_range(r['aa_low'], r['aa_high']):>9} "
                      f"{r['verdict']:<12} {_fmt(r['mean_accepted_length'], '.2f'):>5} "
+                     f"{_fmt(r.get('tokens_per_step'), '.2f'):>8} "
                      f"{_fmt(r['ttft_ms'], '.0f'):>8} {_fmt(r['tpot_ms'], '.1f'):>8} "
                      f"{_fmt(r['identical_to_plain'], '.0%'):>9}  {depth}")
     return "\n".join(lines)

@@ -24,6 +24,8 @@ from __future__ import annotations
 import statistics
 from dataclasses import dataclass, field
 
+from vllm_ht.tools.offline import tokens_per_step
+
 PLAIN, AA = "plain", "plain-A/A"
 MIN_TOKENS = 300  # output tokens per cell and round below which tokens/s is mostly start/stop noise
 VERDICT_RULE = ("faster if every round's ratio > max(1, max A/A ratio); slower if every round's ratio "
@@ -67,6 +69,7 @@ class Row:
     aa_high: float | None
     verdict: str
     mean_accepted_length: float | None  # pooled: 1 + all accepted / all drafts
+    tokens_per_step: float | None       # pooled: all tokens / (all tokens - all accepted), drafting or not
     acceptance_per_depth: list[float]   # pooled, weighted by drafts
     identical_to_plain: float | None    # lowest over rounds
     ttft_ms: float | None               # median over rounds
@@ -175,6 +178,7 @@ def aggregate(cells: list[Cell], labels: list[str]) -> list[Row]:
             speedup=median(ratios), speedup_min=min(ratios, default=None), speedup_max=max(ratios, default=None),
             aa_low=band[0] if band else None, aa_high=band[1] if band else None, verdict=verdict(label, ratios, band),
             mean_accepted_length=1 + sum(c.num_accepted for c in mine) / drafts if drafts else None,
+            tokens_per_step=tokens_per_step(sum(c.output_tokens for c in mine), sum(c.num_accepted for c in mine)),
             acceptance_per_depth=pooled, identical_to_plain=min(identical, default=None),
             ttft_ms=median(c.ttft_ms for c in mine), tpot_ms=median(c.tpot_ms for c in mine),
             output_tokens=min(c.output_tokens for c in mine), requests=mine[0].requests,

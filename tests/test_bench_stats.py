@@ -122,6 +122,7 @@ def test_acceptance_is_pooled_over_rounds_weighted_by_drafts():
         cells += round_cells(r, round_order(labels, r), results, [1])
     ht = {row.method: row for row in aggregate(cells, labels)}["ht"]
     assert ht.mean_accepted_length == pytest.approx(2.0)
+    assert ht.tokens_per_step == pytest.approx(800 / (800 - 40))     # 400 tokens per round
     assert ht.acceptance_per_depth == pytest.approx([(6 + 30) / 40, 4 / 40])
     assert ht.num_drafts == 40
 
@@ -178,4 +179,6 @@ def test_category_rows_attribute_single_request_chunks_only():
     assert rows[("ht", "a")]["mean_accepted_length"] == 2.0            # 1 + 8 / 8
     assert rows[("ht", "b")]["mean_accepted_length"] == 1.2            # 1 + 4 / 20
     assert rows[("plain", "a")]["mean_accepted_length"] is None
+    assert rows[("ht", "a")]["tokens_per_step"] == pytest.approx(20 / 12)   # 2 x 10 tokens in 2 x (10 - 4) steps
+    assert rows[("plain", "a")]["tokens_per_step"] == 1.0
     assert rows[("ht", "a")]["output_tokens"] == 20                    # the batch-2 chunk is not attributed

@@ -3,7 +3,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from vllm_ht.tools.offline import build_parser
+import pytest
+
+from vllm_ht.tools.offline import build_parser, tokens_per_step
 
 
 def test_single_process_is_refused_with_tensor_parallelism():
@@ -18,3 +20,12 @@ def test_single_process_is_off_unless_asked():
     base = ["--model", "m", "--prompts", "p", "--out", "o"]
     assert build_parser().parse_args(base).single_process is False
     assert build_parser().parse_args([*base, "--single-process"]).single_process is True
+
+
+def test_tokens_per_step_counts_the_steps_that_did_not_draft():
+    """A request of 10 tokens: 2 steps drafted and accepted 2 each (3 tokens each), 4 steps found
+    nothing to draft (1 token each). vLLM's mean acceptance length says 3 (its drafted steps only);
+    per step the request gained 10 / 6 tokens."""
+    assert tokens_per_step(10, 4) == pytest.approx(10 / 6)
+    assert tokens_per_step(10, 0) == 1.0
+    assert tokens_per_step(0, 0) is None

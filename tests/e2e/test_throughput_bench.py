@@ -60,11 +60,15 @@ def check_rows_against_cells(result: dict) -> None:
         assert r["speedup"] == pytest.approx(statistics.median(r["speedup_per_round"]))
         aa = [c["speedup"] for c in cells[AA, bs]]
         assert (r["aa_low"], r["aa_high"]) == pytest.approx((min(1.0, *aa), max(1.0, *aa)))
+        tokens, accepted = sum(c["output_tokens"] for c in mine), sum(c["num_accepted"] for c in mine)
+        assert r["tokens_per_step"] == pytest.approx(tokens / (tokens - accepted))   # every step, drafting or not
         if method in ("plain", AA):
             assert r["num_drafts"] == 0 and r["mean_accepted_length"] is None, (method, bs)
+            assert r["tokens_per_step"] == 1.0
             assert r["verdict"] == ("baseline" if method == "plain" else "control")
         if method != "plain":
             assert r["identical_to_plain"] == 1.0 and all(c["identical_to_plain"] == 1.0 for c in mine), (method, bs)
         if method == "ht":
             assert r["num_drafts"] > 0 and r["mean_accepted_length"] > 1.0 and r["acceptance_per_depth"]
+            assert r["tokens_per_step"] > 1.0
             assert r["verdict"] in ("faster", "slower", "within noise")

@@ -107,6 +107,8 @@ def run(args) -> dict:
         acc = (after["num_accepted"] or 0) - (before["num_accepted"] or 0)
         runs[batch_size] = {"outputs": outputs, "choices": choices, "seconds": seconds, "output_tokens": sum(map(len, outputs)),
                             "mean_accepted_length": 1 + acc / drafts if drafts else None,
+                            # every completion of n > 1 is a request of its own to vLLM's counters
+                            "tokens_per_step": tokens_per_step(sum(len(c) for cs in choices for c in cs), acc),
                             "num_drafts": drafts, "num_accepted": acc,
                             "acceptance_per_depth": _depth_delta(before, after, drafts),
                             "ttft_ms": _mean([ttft for ttft, _ in latencies]),
@@ -185,6 +187,22 @@ def _latency(output) -> tuple[float | None, float | None]:
     n = getattr(m, "num_generation_tokens", 0)
     tpot = (m.last_token_ts - m.first_token_ts) / (n - 1) * 1000 if n > 1 else None
     return m.first_token_latency * 1000, tpot
+
+
+def tokens_per_step(output_tokens: int, accepted: int) -> float | None:
+    """Tokens a request gains per step it runs in, drafting or not: each step that emits emits one
+    token plus those it accepted (the prefill's step emits the first), so requests with T output
+    tokens in all ran T - accepted such steps. Pooled over a batch it is per request and step.
+
+    vLLM's mean acceptance length (`mean_accepted_length`, 1 + accepted / drafts) averages over the
+    steps that drafted only; for a method that drafts in only some steps (vLLM's ngram drafts
+    only where it finds a match) it says how good its drafts were, not how many steps it saved.
+    This is the measure to compare methods by. It runs slightly high: vLLM counts a last step's
+    accepted tokens before it cuts the output at EOS or max_tokens (vllm/v1/core/sched/scheduler.py,
+    update_from_output), so tokens thrown away there still count as accepted (a few % at 64 tokens).
+    benchmarks/step_cost.py's `ht_tokens_per_step` is another measure: decode steps only."""
+    steps = output_tokens - accepted
+    return output_tokens / steps if output_tokens and steps > 0 else None
 
 
 def _mean(values) -> float | None:
