@@ -19,8 +19,8 @@ fewer than 300 output tokens is warned about on stderr. Verdict (benchmarks/stat
 TTFT and TPOT are per-request means from vLLM's request stats (median over rounds); tau is the
 mean accepted length (bonus included) from vLLM's spec-decode counters, pooled over rounds: it
 averages over the steps that drafted only. tok/step is output tokens per request and step, drafting
-or not (tokens / (tokens - accepted)), pooled: the one to compare methods by, since ngram drafts
-only where it finds a match and HT in nearly every step;
+or not (tokens / (tokens - accepted)), pooled: the one to compare drafting by (speed compares
+methods), since ngram drafts only where it finds a match and HT in nearly every step;
 identical_to_plain is the fraction of requests whose tokens equal the same round's plain vLLM's,
 lowest over rounds (exact in fp32; in bf16 plain vLLM itself changes with the batch shape).
 Every method runs in vLLM's default mode (compiled) unless --enforce-eager.

@@ -6,7 +6,8 @@ tree-attention kernel gets to the GPU's copy rate.
 Left panel (stage 4): each tree step's wall time over the plain step's at the same batch and
 context, both replayed from CUDA graphs (eager in a dry run), at the smallest context, per model and
 batch. Right panel (stage 3): the kernel's KV read rate as a share of the device-to-device copy
-rate, per batch and tree rows, at the largest context. Needs matplotlib (the project's venv has it; the GPU image has it too).
+rate, per batch and tree rows, at the largest context. Needs matplotlib (the project's venv has
+it; the GPU image has it too).
 """
 from __future__ import annotations
 
