@@ -55,3 +55,85 @@ def test_file_round_trip_and_explicit_options_win(tmp_path, monkeypatch):
     path.write_text("{not json")
     assert load_costs(path) is None
     assert '"step_overhead": 0.25' in additional_config(TRUE)
+
+
+def test_a_cell_priced_against_its_own_plain_cell_ignores_drift():
+    """The machine got 20% faster after the plain sweep: cells priced against the sweep read a
+    cheaper HT step (here fixed and pseudo_row fall), cells priced against the plain cell measured
+    right before them recover the true costs."""
+    plain, ht = synthetic(TRUE)
+    drifted = [{**m, "ms": 0.8 * m["ms"], "plain_ms": 0.8 * plain[m["batch"]]} for m in ht]
+    fitted = fit_costs(plain, drifted)
+    for name in ("row", "pseudo_row", "fixed", "context"):
+        assert getattr(fitted, name) == pytest.approx(getattr(TRUE, name), abs=1e-6), name
+    unpaired = fit_costs(plain, [{k: v for k, v in m.items() if k != "plain_ms"} for m in drifted])
+    assert unpaired.fixed < TRUE.fixed - 0.1
+
+
+def test_calibration_cells_vary_pseudo_rows_apart_from_draft_rows():
+    """At batch 1 the cell design pairs each tree with few and many anchors (pseudo rows per draft
+    row differ by > 2x within a tree), and every HT cell follows a plain cell of its own batch size
+    and context, so the fit can price both kinds of row and the drift between cells."""
+    from vllm_ht.tools.calibrate import HT_TREES_AT_1, cell_plan
+
+    by_tree = {}
+    for drafts, anchors in HT_TREES_AT_1:
+        by_tree.setdefault(drafts, []).append(anchors)
+    ratios = [max(a) / min(a) for a in by_tree.values() if len(a) > 1]
+    assert len(ratios) >= 3 and min(ratios) >= 3
+    jobs = cell_plan([1, 2, 4], 128, 1024)
+    for i, (kind, b, ctx, n, a, priced) in enumerate(jobs):
+        if kind == "ht":
+            assert priced and jobs[i - 1][:3] == ("plain", b, ctx), jobs[i - 1]
+        elif priced:                    # the plain sweep: batch B against batch 1 just before
+            assert b > 1 and jobs[i - 1][:3] == ("plain", 1, 128)
+    assert sorted(b for k, b, _, _, _, priced in jobs if k == "plain" and priced) == [2, 4]
+    assert {(b, ctx) for k, b, ctx, *_ in jobs if k == "ht"} >= {(1, 128), (2, 128), (4, 128), (1, 1024)}
+
+
+def test_the_fit_from_cells_and_the_policy_check():
+    """`fit` reads the cells as `calibrate` records them (median unit over the batch-1 plain cells,
+    batch rows from adjacent pairs); `check_policy` prices the served plan with the first fit and
+    refits with its cell."""
+    from vllm_ht.tools.calibrate import check_policy, fit
+
+    truth = StepCost(row=0.08, pseudo_row=0.05, fixed=0.2, context=0.5, batch_row=0.05)
+
+    def plain(b, ctx, speed=1.0):
+        return {"kind": "plain", "num_nodes": 0, "pseudo_nodes": None, "batch": b, "context": ctx,
+                "ms": speed * P1 * (1 + truth.plain_row * (b - 1)), "drafts": 0.0, "pseudo": 0.0}
+
+    def ht(b, ctx, drafts, pseudo, speed=1.0):
+        base = plain(b, ctx, speed)["ms"]
+        extra = truth.fixed + b * (truth.row * drafts + truth.pseudo_row * pseudo + truth.context * ctx / 1000)
+        return {"kind": "ht", "num_nodes": drafts, "pseudo_nodes": 1, "batch": b, "context": ctx, "drafts": drafts,
+                "pseudo": pseudo, "ms": base + speed * P1 * extra, "plain_ms": base}
+
+    cells = [plain(1, 128), {**plain(2, 128), "plain_ms": P1}, {**plain(4, 128, 1.1), "plain_ms": 1.1 * P1}]
+    cells += [ht(1, 128, 1, 3), ht(1, 128, 2, 9, 0.9), ht(1, 128, 8, 6), ht(1, 128, 8, 27, 1.2),
+              ht(2, 128, 2, 3), ht(1, 1024, 3, 6)]
+    fitted = fit(cells, 128)
+    for name in ("row", "pseudo_row", "fixed", "context", "plain_row"):
+        assert getattr(fitted, name) == pytest.approx(getattr(truth, name), abs=1e-6), name
+    sent = []
+    served = {**ht(1, 128, 5, 9), "kind": "policy"}
+    check = check_policy(cells, 128, sent.append, lambda: plain(1, 128), lambda: served)
+    assert check["predicted"] == pytest.approx(check["measured"], abs=1e-6)
+    assert check["measured"] == pytest.approx(served["ms"] / P1)
+    assert len(sent) == 2 and sent[-1] == check["refit"] and cells[-1]["kind"] == "policy"
+    # a plan without drafts ran plain steps: reported, not fit (its ratio would pull `fixed` down)
+    idle = {**plain(1, 128), "kind": "policy", "drafts": 0.0, "pseudo": 0.0}
+    check = check_policy(cells, 128, sent.append, lambda: plain(1, 128), lambda: idle)
+    assert not check["drafting"] and check["predicted"] == check["measured"] == 1.0
+    assert cells[-1] is not idle and check["refit"]["fixed"] == pytest.approx(truth.fixed)
+
+
+def test_an_older_calibration_file_is_not_current(tmp_path):
+    from vllm_ht.calibration import is_current
+
+    path = tmp_path / "c.json"
+    assert not is_current(path)
+    save(path, TRUE, {}, {})
+    assert is_current(path)
+    path.write_text('{"costs": {"row": 0.1, "pseudo_row": 0.0, "fixed": 0.0, "context": 0.0, "batch_row": 0.05}}')
+    assert not is_current(path) and load_costs(path) is not None

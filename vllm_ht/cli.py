@@ -129,23 +129,34 @@ def _runtime(args: argparse.Namespace) -> int:
 
 
 def _calibrate(args: argparse.Namespace) -> int:
-    from .calibration import additional_config, calibration_path, save
-    from .tools.calibrate import calibrate, fit
+    from .calibration import additional_config, calibration_path, is_current, save
+    from .policy import StepCost
+    from .tools.calibrate import calibrate
 
     model = _model_dir(args.model)
     # the file is named after the dtype the engine resolves (as the plugin looks it up)
     aliases = {"bf16": "bfloat16", "half": "float16", "fp16": "float16", "float": "float32", "fp32": "float32"}
     dtype = aliases.get(args.dtype, args.dtype)
     path = Path(args.out) if args.out else calibration_path(model, dtype)
-    if args.if_missing and dtype != "auto" and path.is_file():
+    if args.if_missing and dtype != "auto" and is_current(path):
         print(f"calibration: {path} exists (kept)", file=sys.stderr)
         return 0
-    results, startup, engine_dtype = calibrate(model, args.checkpoint, dtype, args.batch_sizes, args.short_context,
-                                               args.long_context, args.steps, args.enforce_eager)
+    results, startup, engine_dtype, check = calibrate(model, args.checkpoint, dtype, args.batch_sizes,
+                                                      args.short_context, args.long_context, args.steps,
+                                                      args.enforce_eager)
     path = Path(args.out) if args.out else calibration_path(model, engine_dtype)
-    cost = fit(results, args.short_context)
+    cost = StepCost(**check["refit"])
     save(path, cost, results, {"model": model, "dtype": engine_dtype, "checkpoint": args.checkpoint,
-                               "compiled": not args.enforce_eager, "engine_startup_s": round(startup, 1)})
+                               "compiled": not args.enforce_eager, "engine_startup_s": round(startup, 1),
+                               "policy_check": {k: check[k] for k in ("predicted", "measured", "drafting", "first_fit")}})
+    cell = check["cell"]
+    if check["drafting"]:
+        print(f"policy check at batch 1: its plan ({cell['drafts']:.1f} draft rows, {cell['pseudo']:.1f} pseudo rows "
+              f"per step) was predicted at {check['predicted']:.2f} plain steps per step and measured "
+              f"{check['measured']:.2f}; refit with that cell")
+    else:
+        print(f"policy check at batch 1: the policy does not draft on this calibration text (plain steps, "
+              f"measured {check['measured']:.2f} plain steps per step)")
     print(f"calibration: {cost}\nwritten to {path} (the plugin reads it by default)\n"
           f"equivalent: --additional-config '{additional_config(cost)}'")
     return 0

@@ -13,7 +13,7 @@ import torch
 from vllm.logger import init_logger
 
 from ..tree import TokenTree, accuracy_table, likely_end_nodes, template_for_budget
-from ..calibration import calibration_path, load_costs
+from ..calibration import calibration_path, is_current, load_costs
 from ..options import HTOptions
 from ..policy import DraftPlan, LookupStats, StepCost, best_lookup_length, best_plan, no_drafts, predicted_speedup
 
@@ -63,7 +63,12 @@ class HTProposer:
         mc = vllm_config.model_config
         path = Path(self.options.calibration) if self.options.calibration else calibration_path(mc.model, mc.dtype)
         calibrated = load_costs(path)
-        if calibrated is None:
+        if calibrated is not None and not is_current(path):
+            log.warning("vllm-ht: %s was made by an older `vllm-ht calibrate` whose cells priced pseudo rows at 0 "
+                        "(the policy then drafted where it lost); using cautious default costs instead. Rerun "
+                        "`vllm-ht calibrate --model %s` (or `make calibrate`) to measure this machine.", path, mc.model)
+            calibrated = None
+        elif calibrated is None:
             log.warning("vllm-ht: no step-cost calibration at %s; using cautious default costs (run "
                         "`vllm-ht calibrate --model %s` to measure this machine)", path, mc.model)
         else:
@@ -108,10 +113,11 @@ class HTProposer:
         room = max(0, opts.max_nodes_for_batch(batch_size) - (plan.tree.num_nodes - 1 if plan.drafts else 0))
         if opts.lookup_nodes is not None:
             return min(opts.lookup_nodes, room)
-        if not plan.drafts and opts.pseudo:
-            # where the policy finds HT steps do not pay, lookup chains alone did not either
-            # (0.87x / 0.67x at batch 4 / 8 in the hybrid benchmark): plain steps
-            return 0
+        if not plan.drafts and opts.num_nodes is not None:
+            return 0                                  # --ht-num-nodes 0: no drafts of either kind
+        # where the policy's pseudo tree does not pay, a lookup chain alone may: best_lookup_length
+        # then adds the HT step's fixed cost. (Lookup-only steps lost at batch 4 / 8, 0.87x / 0.67x,
+        # under calibrations that priced the fixed cost at 0: benchmarks/results/throughput_hybrid.json.)
         return best_lookup_length(plan, self.lookup_stats, max(batch_size, 1), self.cost, min(room, opts.max_lookup_nodes))
 
     @property

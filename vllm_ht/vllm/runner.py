@@ -461,12 +461,16 @@ class HTRunnerMixin:
         plan = st.plan                                   # the plan _build_step used
         picks = self._pseudo_picks(live) if plan.drafts else {}
         length = drafter.lookup_length(plan, self.input_batch.num_reqs)
+        # the matcher runs while chains are off too (a few microseconds per request): the policy's
+        # match rate keeps following the text, so chains come back when copying starts
+        probe = drafter.lookup is not None and drafter.can_draft
         batch = self.input_batch
         for i in live:
             lookup = []
-            if length and self._wants_drafts(batch.req_ids[i]):
-                lookup = drafter.lookup.propose(batch.token_ids_cpu[i, : batch.num_tokens_no_spec[i]], length)
-                drafter.lookup_stats.record_match(bool(lookup))
+            if (length or probe) and self._wants_drafts(batch.req_ids[i]):
+                found = drafter.lookup.propose(batch.token_ids_cpu[i, : batch.num_tokens_no_spec[i]], length or 1)
+                drafter.lookup_stats.record_match(bool(found))
+                lookup = found if length else []
             if i in picks:
                 tokens = drafter.drafts(plan.tree, sampled_token_ids[i][-1], st.pseudo_top[picks[i]])
                 draft = hybrid.merge(plan.tree, tokens, plan.anchors, lookup, lookup_anchor=True)

@@ -115,11 +115,25 @@ def collect(worker) -> list[dict]:
     return timer.take() if timer is not None else []
 
 
-def set_plan(worker, num_nodes: int | None, pseudo_nodes: int | None) -> bool:
+def set_plan(worker, num_nodes: int | None, pseudo_nodes: int | None, lookup_nodes: int | None = None) -> bool:
     """collective_rpc target (HT engines): force a tree of `num_nodes` drafts (0: plain steps) with
-    `pseudo_nodes` anchors, or None for the policy; forgets cached plans."""
+    `pseudo_nodes` anchors, or None for the policy; `lookup_nodes` fixes the lookup chains (0: none,
+    None: the policy's); forgets cached plans."""
     drafter = worker.model_runner.drafter
     drafter.options.num_nodes, drafter.options.pseudo_nodes = num_nodes, pseudo_nodes
+    drafter.options.lookup_nodes = lookup_nodes
+    drafter._plans.clear()
+    drafter._anchors.clear()
+    return True
+
+
+def set_cost(worker, costs: dict) -> bool:
+    """collective_rpc target (HT engines): price the policy's plans with these StepCost fields from
+    now on (`vllm-ht calibrate` checks its fit against the plan it makes); forgets cached plans."""
+    from ..policy import StepCost
+
+    drafter = worker.model_runner.drafter
+    drafter.cost = StepCost(**costs)
     drafter._plans.clear()
     drafter._anchors.clear()
     return True
