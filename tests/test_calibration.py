@@ -71,9 +71,10 @@ def test_a_cell_priced_against_its_own_plain_cell_ignores_drift():
 
 
 def test_calibration_cells_vary_pseudo_rows_apart_from_draft_rows():
-    """At batch 1 the cell design pairs each tree with few and many anchors (pseudo rows per draft
-    row differ by > 2x within a tree), and every HT cell follows a plain cell of its own batch size
-    and context, so the fit can price both kinds of row and the drift between cells."""
+    """At batch 1 the cell design runs each of at least three tree sizes with few and with many
+    anchors (>= 3x as many, so >= 3x the pseudo rows at the same draft rows), and every HT cell
+    follows a plain cell of its own batch size and context, so the fit can price both kinds of row
+    and the drift between cells."""
     from vllm_ht.tools.calibrate import HT_TREES_AT_1, cell_plan
 
     by_tree = {}
@@ -92,9 +93,12 @@ def test_calibration_cells_vary_pseudo_rows_apart_from_draft_rows():
 
 
 def test_the_fit_from_cells_and_the_policy_check():
-    """`fit` reads the cells as `calibrate` records them (median unit over the batch-1 plain cells,
-    batch rows from adjacent pairs); `check_policy` prices the served plan with the first fit and
-    refits with its cell."""
+    """`fit` reads the cells as `calibrate` records them: the unit is the median of the batch-1
+    plain cells (one of them an outlier here), batch rows come from the sweep's adjacent pairs, each
+    HT cell is priced against its own plain cell (the machine's speed differs per cell) and pays
+    the fixed cost on its share of steps with rows. `check_policy` sets the first fit in the engine
+    before running the served plan, prices that plan (a lookup cell where 60% of steps drafted)
+    with it, and refits with the cell."""
     from vllm_ht.tools.calibrate import check_policy, fit
 
     truth = StepCost(row=0.08, pseudo_row=0.05, fixed=0.2, context=0.5, batch_row=0.05)
@@ -103,29 +107,46 @@ def test_the_fit_from_cells_and_the_policy_check():
         return {"kind": "plain", "num_nodes": 0, "pseudo_nodes": None, "batch": b, "context": ctx,
                 "ms": speed * P1 * (1 + truth.plain_row * (b - 1)), "drafts": 0.0, "pseudo": 0.0}
 
-    def ht(b, ctx, drafts, pseudo, speed=1.0):
+    def ht(b, ctx, drafts, pseudo, speed=1.0, share=1.0, kind="ht"):
         base = plain(b, ctx, speed)["ms"]
-        extra = truth.fixed + b * (truth.row * drafts + truth.pseudo_row * pseudo + truth.context * ctx / 1000)
-        return {"kind": "ht", "num_nodes": drafts, "pseudo_nodes": 1, "batch": b, "context": ctx, "drafts": drafts,
-                "pseudo": pseudo, "ms": base + speed * P1 * extra, "plain_ms": base}
+        extra = share * truth.fixed + b * (truth.row * drafts + truth.pseudo_row * pseudo
+                                           + share * truth.context * ctx / 1000)
+        return {"kind": kind, "num_nodes": drafts, "pseudo_nodes": 1, "batch": b, "context": ctx, "drafts": drafts,
+                "pseudo": pseudo, "ht_share": share, "ms": base + speed * P1 * extra, "plain_ms": base}
 
-    cells = [plain(1, 128), {**plain(2, 128), "plain_ms": P1}, {**plain(4, 128, 1.1), "plain_ms": 1.1 * P1}]
-    cells += [ht(1, 128, 1, 3), ht(1, 128, 2, 9, 0.9), ht(1, 128, 8, 6), ht(1, 128, 8, 27, 1.2),
-              ht(2, 128, 2, 3), ht(1, 1024, 3, 6)]
+    cells = [plain(1, 128), {**plain(2, 128), "plain_ms": P1}, plain(1, 128, 1.1),
+             {**plain(4, 128, 1.1), "plain_ms": 1.1 * P1}, plain(1, 128)]
+    cells += [ht(1, 128, 1, 3), ht(1, 128, 2, 9, 0.9), ht(1, 128, 8, 6, share=0.7), ht(1, 128, 8, 27, 1.2),
+              ht(2, 128, 2, 3, 1.1), ht(1, 1024, 3, 6)]
     fitted = fit(cells, 128)
     for name in ("row", "pseudo_row", "fixed", "context", "plain_row"):
         assert getattr(fitted, name) == pytest.approx(getattr(truth, name), abs=1e-6), name
-    sent = []
-    served = {**ht(1, 128, 5, 9), "kind": "policy"}
-    check = check_policy(cells, 128, sent.append, lambda: plain(1, 128), lambda: served)
-    assert check["predicted"] == pytest.approx(check["measured"], abs=1e-6)
-    assert check["measured"] == pytest.approx(served["ms"] / P1)
-    assert len(sent) == 2 and sent[-1] == check["refit"] and cells[-1]["kind"] == "policy"
+
+    events = []
+    served = ht(1, 128, 2.4, 0.0, speed=0.95, share=0.6, kind="policy")
+    check = check_policy(cells, 128, lambda costs: events.append(("cost", costs)),
+                         lambda: events.append("plain") or plain(1, 128, 0.95), lambda: events.append("policy") or served)
+    assert [e if isinstance(e, str) else e[0] for e in events] == ["cost", "plain", "policy", "cost"]
+    assert events[0][1] == check["first_fit"] and events[-1][1] == check["refit"]
+    assert check["drafting"] and check["predicted"] == pytest.approx(check["measured"], abs=1e-6)
+    assert check["measured"] == pytest.approx(served["ms"] / (0.95 * P1))
+    assert cells[-1]["kind"] == "policy" and check["refit"]["fixed"] == pytest.approx(truth.fixed)
     # a plan without drafts ran plain steps: reported, not fit (its ratio would pull `fixed` down)
-    idle = {**plain(1, 128), "kind": "policy", "drafts": 0.0, "pseudo": 0.0}
-    check = check_policy(cells, 128, sent.append, lambda: plain(1, 128), lambda: idle)
+    count = len(cells)
+    idle = {**plain(1, 128), "kind": "policy", "ht_share": 0.0}
+    check = check_policy(cells, 128, lambda costs: None, lambda: plain(1, 128), lambda: idle)
     assert not check["drafting"] and check["predicted"] == check["measured"] == 1.0
-    assert cells[-1] is not idle and check["refit"]["fixed"] == pytest.approx(truth.fixed)
+    assert len(cells) == count and check["refit"]["fixed"] == pytest.approx(truth.fixed)
+
+
+def test_summarize_means_rows_and_the_share_of_steps_with_rows():
+    from vllm_ht.tools.calibrate import summarize
+
+    recs = [{"period": 100.0, "drafts": 4, "pseudo": 6}, {"period": 90.0, "drafts": 0, "pseudo": 3},
+            {"period": 70.0, "drafts": 0, "pseudo": 0}, {"period": 100.0, "drafts": 4, "pseudo": 6}]
+    cell = summarize(recs, 2, 128)
+    assert cell["ms"] == 90.0 and cell["ht_share"] == 0.75 and cell["steps"] == 4
+    assert cell["drafts"] == 1.0 and cell["pseudo"] == pytest.approx(15 / 8)        # per request (batch 2)
 
 
 def test_an_older_calibration_file_is_not_current(tmp_path):
@@ -137,3 +158,5 @@ def test_an_older_calibration_file_is_not_current(tmp_path):
     assert is_current(path)
     path.write_text('{"costs": {"row": 0.1, "pseudo_row": 0.0, "fixed": 0.0, "context": 0.0, "batch_row": 0.05}}')
     assert not is_current(path) and load_costs(path) is not None
+    path.write_text('{"version": "2", "costs": {}}')                  # malformed: not current, no crash
+    assert not is_current(path)

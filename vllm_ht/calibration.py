@@ -2,14 +2,16 @@
 
 `vllm-ht calibrate` (vllm_ht/tools/calibrate.py) times decode steps of one engine on the user's
 hardware: plain steps at several batch sizes, and HT steps with several forced trees. Each
-measurement is the median step period (ms) of `batch` requests, with, per request and step, the
-draft rows and pseudo rows the steps carried, at a mean context length. Costs are in units of one
-single-request plain decode step (p1). The fit (least squares, costs clipped at 0):
+measurement is the mean step period (ms) of `batch` requests, with, per request and step, the
+draft rows and pseudo rows the steps carried, at a mean context length, and the share s of its
+steps that carried any (default 1). Costs are in units of one single-request plain decode step
+(p1). The fit (least squares, costs clipped at 0):
     plain   p(B) / p1 - 1                 = batch_row * (B - 1)
-    HT      (h - p(B)) / p1               = fixed + B * (row * drafts + pseudo_row * pseudo
-                                                         + context * ctx / 1000)
+    HT      (h - p(B)) / p1               = s * fixed + B * (row * drafts + pseudo_row * pseudo
+                                                             + s * context * ctx / 1000)
 where an HT cell measured right after its own plain cell (plain_ms) uses that cell for p(B), and
-p(B) / (1 + batch_row * (B - 1)) for p1.
+p(B) divided by the sweep's p(B) / p1 for p1. At the long context that unit is the plain step at
+that context, as the policy prices a plain step as 1 at every context.
 Example: p(1) = 20 ms, p(4) = 23 ms -> batch_row = 0.05; an HT step at B = 1 with 3 drafts and 4
 pseudo rows at 30 ms, one with 1 draft and 2 pseudo rows at 26 ms, and a third point pinning fixed.
 
@@ -31,7 +33,9 @@ from .policy import StepCost
 
 
 # 2: cells that vary pseudo rows apart from draft rows, each priced against its own plain cell,
-#    and the policy check (vllm_ht/tools/calibrate.py). Files of version 1 priced pseudo rows at 0.
+#    and the policy check (vllm_ht/tools/calibrate.py). Version-1 cells raised both together and
+#    could not tell them apart: on a 2-core AVX2 CPU such a file priced pseudo rows and the fixed
+#    step cost at 0.
 VERSION = 2
 
 
@@ -42,8 +46,9 @@ def calibration_path(model: str, dtype: str) -> Path:
 
 def fit_costs(plain: dict[int, float], ht: list[dict]) -> StepCost:
     """plain: batch size -> ms per plain decode step; ht: dicts with batch, ms, drafts, pseudo
-    (per request and step), context (mean tokens) and optionally plain_ms (a plain step at the
-    same batch size and context, measured right before it: the cell is then priced against it)."""
+    (per request and step), context (mean tokens), optionally ht_share (the share of the cell's
+    steps with rows beyond plain decoding; default 1) and plain_ms (a plain step at the same batch
+    size and context, measured right before it: the cell is then priced against it)."""
     if 1 not in plain:
         raise ValueError("calibration needs a plain step at batch size 1 (the unit of cost)")
     p1 = plain[1]
@@ -52,8 +57,8 @@ def fit_costs(plain: dict[int, float], ht: list[dict]) -> StepCost:
     batch_row = max(float(np.dot(xs, ys) / np.dot(xs, xs)), 0.0) if xs else 0.0
     if len(ht) < 3:
         raise ValueError(f"calibration needs at least 3 HT measurements, got {len(ht)}")
-    a = np.array([[1.0, m["batch"] * m["drafts"], m["batch"] * m["pseudo"], m["batch"] * m["context"] / 1000]
-                  for m in ht])
+    a = np.array([[m.get("ht_share", 1.0), m["batch"] * m["drafts"], m["batch"] * m["pseudo"],
+                   m.get("ht_share", 1.0) * m["batch"] * m["context"] / 1000] for m in ht])
     y = np.array([_extra(m, plain, batch_row) for m in ht])
     fixed, row, pseudo, context = _nonneg_lstsq(a, y)
     return StepCost(row=row, pseudo_row=pseudo, fixed=fixed, context=context, batch_row=batch_row)
@@ -61,9 +66,9 @@ def fit_costs(plain: dict[int, float], ht: list[dict]) -> StepCost:
 
 def _extra(m: dict, plain: dict[int, float], batch_row: float) -> float:
     """An HT cell's extra over a plain step, in single-request plain steps: against its own plain
-    cell when it has one (then that cell also sets the unit, p(B) / (1 + batch_row (B - 1)): the
-    machine's speed drifts between cells), else against the plain sweep."""
-    scale = 1.0 + batch_row * (m["batch"] - 1)
+    cell when it has one (then that cell also sets the unit, plain_ms / (p(B) / p1) of the sweep:
+    the machine's speed drifts between cells), else against the plain sweep."""
+    scale = _plain_at(plain, m["batch"], batch_row) / plain[1]
     if "plain_ms" in m:
         return (m["ms"] - m["plain_ms"]) / (m["plain_ms"] / scale)
     return (m["ms"] - _plain_at(plain, m["batch"], batch_row)) / plain[1]
@@ -97,7 +102,7 @@ def is_current(path: Path) -> bool:
     """Whether a calibration file exists and was made by this version's measurement design."""
     try:
         return json.loads(Path(path).read_text()).get("version", 1) >= VERSION
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError, AttributeError, TypeError):
         return False
 
 

@@ -230,7 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--steps", type=int, default=16, help="decode steps per measured cell")
     c.add_argument("--enforce-eager", action="store_true", help="calibrate the eager engine (serve it eager too)")
     c.add_argument("--out", help="calibration file (default: <cache>/calibration/<model>-<dtype>.json)")
-    c.add_argument("--if-missing", action="store_true", help="do nothing when the file exists")
+    c.add_argument("--if-missing", action="store_true",
+                   help="do nothing when the file exists and is of the current calibration design")
 
     sub.add_parser("serve", help="vLLM's `vllm serve` (works on the CPU build too; all arguments go to vLLM)",
                    add_help=False)

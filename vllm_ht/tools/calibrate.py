@@ -9,13 +9,15 @@ model with no pseudo rows is the plain model), then forced trees. Measured cells
           4 also 6 drafts, 2 anchors; batch 1 at the long context (3 drafts, 2 anchors: the context term).
           Lookup chains are off in these cells, so their draft rows are the tree's.
 Every HT cell follows a plain cell at the same batch size and context, and is priced against it
-(`plain_ms`): the machine's speed drifts between cells (plain steps at batch 1 measured 84-101 ms
-on one 2-core VM), and a drift between a plain sweep and the HT cells read as a cheaper HT step.
-A cell's step time is the median step period (robust to a stray slow step).
+(`plain_ms`): the machine's speed drifts between cells (plain steps at batch 1 measured 81-101 ms
+within one calibration on a 2-core VM), and a drift between a plain sweep and the HT cells read as
+a cheaper HT step. A cell's step time is the mean step period, with the mean rows per step and the
+share of steps that carried any (`ht_share`: in a forced-tree cell some steps carry pseudo rows
+only; in a served cell some carry nothing), as the policy prices a step.
 
 The fit's check: the policy then plans with the fitted costs, one cell runs that plan as served
 (lookup chains on), the predicted and measured step costs are printed, and the cell joins a second
-fit. The fit and the file are in vllm_ht/calibration.py.
+fit when it drafted. The fit and the file are in vllm_ht/calibration.py.
 """
 from __future__ import annotations
 
@@ -37,8 +39,9 @@ HT_TREE_BATCHED = (2, 1)
 
 def cell_plan(batch_sizes: list[int], short: int, long: int) -> list[tuple]:
     """The cells in the order they run: (kind, batch, context, drafts, anchors, priced). `priced`:
-    the cell is priced against the plain cell right before it (every HT cell, at its own batch size
-    and context; every plain cell above batch 1, against batch 1)."""
+    the cell is priced against the plain cell right before it: every HT cell (a plain cell of its
+    own batch size and context) and the plain sweep's cells above batch 1 (a batch-1 cell). The
+    plain cells that precede HT cells are not priced themselves."""
     jobs = []
     for b in batch_sizes:
         jobs += [("plain", 1, short, 0, None, False)] + ([("plain", b, short, 0, None, True)] if b > 1 else [])
@@ -106,10 +109,13 @@ def calibrate(model: str, checkpoint: str | None, dtype: str, batch_sizes: list[
 
 
 def summarize(recs: list[dict], batch: int, context: int) -> dict:
-    """One cell from its steady decode steps: median period, and draft / pseudo rows per request and step."""
-    return {"batch": batch, "context": context, "ms": statistics.median(r["period"] for r in recs),
+    """One cell from its steady decode steps: mean period; draft / pseudo rows per request and
+    step; the share of steps with any rows beyond plain decoding (those pay the fixed HT cost)."""
+    return {"batch": batch, "context": context, "ms": statistics.mean(r["period"] for r in recs),
             "drafts": statistics.mean(r["drafts"] for r in recs) / batch,
-            "pseudo": statistics.mean(r.get("pseudo", 0) for r in recs) / batch, "steps": len(recs)}
+            "pseudo": statistics.mean(r.get("pseudo", 0) for r in recs) / batch,
+            "ht_share": statistics.mean(float(bool(r["drafts"] or r.get("pseudo", 0))) for r in recs),
+            "steps": len(recs)}
 
 
 def check_policy(results: list[dict], short: int, set_cost, plain_cell, policy_cell) -> dict:
@@ -121,9 +127,9 @@ def check_policy(results: list[dict], short: int, set_cost, plain_cell, policy_c
     set_cost(asdict(first))
     plain = plain_cell()
     served = {"kind": "policy", "num_nodes": None, "pseudo_nodes": None, **policy_cell(), "plain_ms": plain["ms"]}
-    drafting = served["drafts"] > 0 or served["pseudo"] > 0
-    predicted = 1.0 + (first.fixed + first.row * served["drafts"] + first.pseudo_row * served["pseudo"]
-                       + first.context * served["context"] / 1000 if drafting else 0.0)
+    drafting = served["ht_share"] > 0
+    predicted = 1.0 + served["ht_share"] * (first.fixed + first.context * served["context"] / 1000) \
+        + first.row * served["drafts"] + first.pseudo_row * served["pseudo"]
     if drafting:                       # a plan without drafts runs plain steps: nothing to refit
         results.append(served)
     second = fit(results, short)

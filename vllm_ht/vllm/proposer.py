@@ -64,9 +64,10 @@ class HTProposer:
         path = Path(self.options.calibration) if self.options.calibration else calibration_path(mc.model, mc.dtype)
         calibrated = load_costs(path)
         if calibrated is not None and not is_current(path):
-            log.warning("vllm-ht: %s was made by an older `vllm-ht calibrate` whose cells priced pseudo rows at 0 "
-                        "(the policy then drafted where it lost); using cautious default costs instead. Rerun "
-                        "`vllm-ht calibrate --model %s` (or `make calibrate`) to measure this machine.", path, mc.model)
+            log.warning("vllm-ht: %s is not of the current calibration design (made by an older `vllm-ht "
+                        "calibrate`, whose cells could not tell pseudo rows from draft rows, or by hand); using "
+                        "cautious default costs instead. Rerun `vllm-ht calibrate --model %s` (or `make "
+                        "calibrate`), or give the costs in --additional-config.", path, mc.model)
             calibrated = None
         elif calibrated is None:
             log.warning("vllm-ht: no step-cost calibration at %s; using cautious default costs (run "
@@ -104,21 +105,28 @@ class HTProposer:
                                             context_tokens)
         return DraftPlan(tree=tree, anchors=anchors, speedup=speedup, tokens_per_step=tokens)
 
-    def lookup_length(self, plan: DraftPlan, batch_size: int) -> int:
-        """Lookup nodes per request this step (0: no lookup): fixed by the options, else the policy's
-        from the measured lookup acceptance, within the row budget left by the plan's tree."""
+    def lookup_room(self, plan: DraftPlan, batch_size: int) -> int:
+        """The most lookup nodes a request may get this step: the row budget left by the plan's
+        tree, within the lookup options (0: no chain can be drafted)."""
         opts = self.options
-        if self.lookup is None or self.refusal:
+        if self.lookup is None or self.refusal or opts.num_nodes == 0:   # --ht-num-nodes 0: no drafts at all
             return 0
         room = max(0, opts.max_nodes_for_batch(batch_size) - (plan.tree.num_nodes - 1 if plan.drafts else 0))
-        if opts.lookup_nodes is not None:
-            return min(opts.lookup_nodes, room)
-        if not plan.drafts and opts.num_nodes is not None:
-            return 0                                  # --ht-num-nodes 0: no drafts of either kind
-        # where the policy's pseudo tree does not pay, a lookup chain alone may: best_lookup_length
-        # then adds the HT step's fixed cost. (Lookup-only steps lost at batch 4 / 8, 0.87x / 0.67x,
-        # under calibrations that priced the fixed cost at 0: benchmarks/results/throughput_hybrid.json.)
-        return best_lookup_length(plan, self.lookup_stats, max(batch_size, 1), self.cost, min(room, opts.max_lookup_nodes))
+        return min(room, opts.max_lookup_nodes)
+
+    def lookup_length(self, plan: DraftPlan, batch_size: int) -> int:
+        """Lookup nodes per request this step (0: no lookup): fixed by the options, else the policy's
+        from the measured lookup acceptance, within `lookup_room`. Where the policy's pseudo tree
+        does not pay, a chain alone may: best_lookup_length then adds the HT step's fixed cost.
+        (Chains alone lost at batch 4 / 8, 0.87x / 0.67x, in benchmarks/results/throughput_hybrid.json,
+        an AMX run under a version-1 calibration; they were then not drafted wherever the pseudo tree
+        did not pay, until version 2 measured the fixed cost apart: docs/benchmarks.md.)"""
+        room = self.lookup_room(plan, batch_size)
+        if not room:
+            return 0
+        if self.options.lookup_nodes is not None:
+            return room
+        return best_lookup_length(plan, self.lookup_stats, max(batch_size, 1), self.cost, room)
 
     @property
     def can_draft(self) -> bool:

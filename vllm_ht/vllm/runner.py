@@ -461,9 +461,9 @@ class HTRunnerMixin:
         plan = st.plan                                   # the plan _build_step used
         picks = self._pseudo_picks(live) if plan.drafts else {}
         length = drafter.lookup_length(plan, self.input_batch.num_reqs)
-        # the matcher runs while chains are off too (a few microseconds per request): the policy's
+        # the matcher runs while the policy gives chains no nodes too (cheap next to a step): its
         # match rate keeps following the text, so chains come back when copying starts
-        probe = drafter.lookup is not None and drafter.can_draft
+        probe = drafter.lookup_room(plan, self.input_batch.num_reqs) > 0
         batch = self.input_batch
         for i in live:
             lookup = []

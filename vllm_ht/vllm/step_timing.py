@@ -1,4 +1,5 @@
-"""Per-step timings inside a vLLM worker, for `benchmarks/step_cost.py` and `vllm-ht calibrate`.
+"""Per-step timings inside a vLLM worker, for `benchmarks/step_cost.py`, `benchmarks/served_steps.py`
+and `vllm-ht calibrate`.
 
 Installed into a running engine's workers through vLLM's `LLM.collective_rpc` (it runs a function
 with the worker as its first argument), so plain vLLM and HT are timed by the same code. Every
@@ -115,13 +116,17 @@ def collect(worker) -> list[dict]:
     return timer.take() if timer is not None else []
 
 
-def set_plan(worker, num_nodes: int | None, pseudo_nodes: int | None, lookup_nodes: int | None = None) -> bool:
-    """collective_rpc target (HT engines): force a tree of `num_nodes` drafts (0: plain steps) with
-    `pseudo_nodes` anchors, or None for the policy; `lookup_nodes` fixes the lookup chains (0: none,
-    None: the policy's); forgets cached plans."""
+KEEP = "keep"
+
+
+def set_plan(worker, num_nodes: int | None, pseudo_nodes: int | None, lookup_nodes: int | None | str = KEEP) -> bool:
+    """collective_rpc target (HT engines): force a tree of `num_nodes` drafts (0: plain steps, no
+    chains either) with `pseudo_nodes` anchors, or None for the policy; `lookup_nodes` fixes the
+    lookup chains (0: none, None: the policy's, KEEP: as they are); forgets cached plans."""
     drafter = worker.model_runner.drafter
     drafter.options.num_nodes, drafter.options.pseudo_nodes = num_nodes, pseudo_nodes
-    drafter.options.lookup_nodes = lookup_nodes
+    if lookup_nodes != KEEP:
+        drafter.options.lookup_nodes = lookup_nodes
     drafter._plans.clear()
     drafter._anchors.clear()
     return True
