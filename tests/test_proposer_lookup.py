@@ -44,6 +44,8 @@ def test_a_chain_alone_where_the_pseudo_tree_does_not_pay_if_the_text_is_copied(
     copying(d.lookup_stats)
     assert d.lookup_room(no_drafts(), 1) == 8
     assert d.lookup_length(no_drafts(), 1) > 0
+    assert d.lookup_room(no_drafts(), 4) > 0 and d.lookup_length(no_drafts(), 4) == 0   # measured losses there
+    assert d.lookup_length(tree_plan(1), 4) > 0                                        # beside a tree: priced
     d = drafter()
     missing(d.lookup_stats)
     assert d.lookup_room(no_drafts(), 1) == 8          # the matcher still runs (room), ...
@@ -69,10 +71,12 @@ def test_the_room_follows_the_options_the_budget_and_a_refusal():
 
 @pytest.mark.parametrize("batch", [1, 4])
 def test_a_chain_alone_pays_the_fixed_step_cost(batch):
-    """With the fixed HT step cost high enough, a chain alone never pays; beside a tree (which
-    already pays it) the same chain does."""
-    d = drafter()
-    copying(d.lookup_stats)
-    d.cost = StepCost(row=0.085, pseudo_row=0.06, fixed=5.0, context=0.0, batch_row=0.075)
-    assert d.lookup_length(no_drafts(), batch) == 0
-    assert d.lookup_length(tree_plan(1), batch) > 0
+    """With the fixed HT step cost high enough, a chain alone never pays, pseudo rows off (chains
+    are then the only source, at any batch size) or on; beside a tree (which already pays it) the
+    same chain does."""
+    for d in (drafter(pseudo=False), drafter()):
+        copying(d.lookup_stats)
+        assert d.lookup_length(no_drafts(), batch) > 0 or (d.options.pseudo and batch > 1)
+        d.cost = StepCost(row=0.085, pseudo_row=0.06, fixed=5.0, context=0.0, batch_row=0.075)
+        assert d.lookup_length(no_drafts(), batch) == 0
+        assert d.lookup_length(tree_plan(1), batch) > 0

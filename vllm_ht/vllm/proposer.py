@@ -117,15 +117,18 @@ class HTProposer:
     def lookup_length(self, plan: DraftPlan, batch_size: int) -> int:
         """Lookup nodes per request this step (0: no lookup): fixed by the options, else the policy's
         from the measured lookup acceptance, within `lookup_room`. Where the policy's pseudo tree
-        does not pay, a chain alone may: best_lookup_length then adds the HT step's fixed cost.
-        (Chains alone lost at batch 4 / 8, 0.87x / 0.67x, in benchmarks/results/throughput_hybrid.json,
-        an AMX run under a version-1 calibration; they were then not drafted wherever the pseudo tree
-        did not pay, until version 2 measured the fixed cost apart: docs/benchmarks.md.)"""
+        does not pay, a chain alone may at batch 1 (best_lookup_length then adds the HT step's fixed
+        cost): 1.21x plain vLLM on the mixed prompts, fp32 AVX2, one round. Not above batch 1: there
+        chains alone lost under both calibration designs (0.87x / 0.67x at batch 4 / 8 on AMX,
+        benchmarks/results/throughput_hybrid.json; 0.93x at batch 4 on AVX2 with version 2,
+        throughput_mixed_fp32_avx2_v2.json)."""
         room = self.lookup_room(plan, batch_size)
         if not room:
             return 0
         if self.options.lookup_nodes is not None:
             return room
+        if not plan.drafts and self.options.pseudo and batch_size > 1:
+            return 0
         return best_lookup_length(plan, self.lookup_stats, max(batch_size, 1), self.cost, room)
 
     @property
