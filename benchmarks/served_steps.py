@@ -13,8 +13,8 @@ chains on). Every decode step is timed inside the worker (`vllm_ht/vllm/step_tim
 Each prompt's steps are collected on their own, so no step period spans the gap to the next
 prompt. A calibration whose cells do not cover what the policy serves shows up as measured >
 predicted. On a 2-core AVX2 CPU (fp32, eager, 8 mixed prompts) a one-off script of this design,
-written before this tool, timed the policy's steps under a version-1 calibration file at 2.21
-plain steps; this tool's summary of those records finds that the file predicted 1.51 for them
+written before this tool, recorded the policy's steps under a version-1 calibration file; this
+tool's summary of those records: measured 2.19 plain steps, predicted 1.51 by that file
 (docs/benchmarks.md). The prediction leaves out the context term (step records carry no context
 length; at a few hundred tokens it adds under 0.2).
 

@@ -54,7 +54,7 @@ def test_a_chain_alone_where_the_pseudo_tree_does_not_pay_if_the_text_is_copied(
 
 def test_the_room_follows_the_options_the_budget_and_a_refusal():
     plan = tree_plan(3)
-    assert drafter().lookup_room(plan, 1) == 8                      # 31 rows left by a 3-node tree, capped at 8
+    assert drafter().lookup_room(plan, 1) == 8                      # 31 nodes less the tree's 3, capped at 8
     assert drafter(num_nodes=0).lookup_room(no_drafts(), 1) == 0    # --ht-num-nodes 0: no drafts of any kind
     assert drafter(lookup_nodes=0).lookup_room(plan, 1) == 0
     assert drafter(lookup_nodes=3).lookup_length(plan, 1) == 3      # fixed length, no cost model
@@ -69,14 +69,14 @@ def test_the_room_follows_the_options_the_budget_and_a_refusal():
     assert d.lookup_room(plan, 1) == 0
 
 
-@pytest.mark.parametrize("batch", [1, 4])
-def test_a_chain_alone_pays_the_fixed_step_cost(batch):
-    """With the fixed HT step cost high enough, a chain alone never pays, pseudo rows off (chains
-    are then the only source, at any batch size) or on; beside a tree (which already pays it) the
-    same chain does."""
-    for d in (drafter(pseudo=False), drafter()):
-        copying(d.lookup_stats)
-        assert d.lookup_length(no_drafts(), batch) > 0 or (d.options.pseudo and batch > 1)
-        d.cost = StepCost(row=0.085, pseudo_row=0.06, fixed=5.0, context=0.0, batch_row=0.075)
-        assert d.lookup_length(no_drafts(), batch) == 0
-        assert d.lookup_length(tree_plan(1), batch) > 0
+@pytest.mark.parametrize("options,batch", [({}, 1), ({"pseudo": False}, 1), ({"pseudo": False}, 4)])
+def test_a_chain_alone_pays_the_fixed_step_cost(options, batch):
+    """Where a chain alone is priced (batch 1; any batch with pseudo rows off, chains then being the
+    only source), it pays at the calibrated fixed step cost and not at a high one; beside a tree
+    (which pays that cost already) the same chain still does."""
+    d = drafter(**options)
+    copying(d.lookup_stats)
+    assert d.lookup_length(no_drafts(), batch) > 0
+    d.cost = StepCost(row=0.085, pseudo_row=0.06, fixed=5.0, context=0.0, batch_row=0.075)
+    assert d.lookup_length(no_drafts(), batch) == 0
+    assert d.lookup_length(tree_plan(1), batch) > 0

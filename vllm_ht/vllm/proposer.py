@@ -118,10 +118,12 @@ class HTProposer:
         """Lookup nodes per request this step (0: no lookup): fixed by the options, else the policy's
         from the measured lookup acceptance, within `lookup_room`. Where the policy's pseudo tree
         does not pay, a chain alone may at batch 1 (best_lookup_length then adds the HT step's fixed
-        cost): 1.21x plain vLLM on the mixed prompts, fp32 AVX2, one round. Not above batch 1: there
-        chains alone lost under both calibration designs (0.87x / 0.67x at batch 4 / 8 on AMX,
-        benchmarks/results/throughput_hybrid.json; 0.93x at batch 4 on AVX2 with version 2,
-        throughput_mixed_fp32_avx2_v2.json)."""
+        cost): 1.21x plain vLLM on the mixed prompts, fp32 AVX2, one round. Not above batch 1 (the
+        step's requests, prefill chunks included): there chains alone lost under both calibration
+        versions (0.87x / 0.67x at batch 4 / 8 on AMX, benchmarks/results/throughput_hybrid.json;
+        0.93x at batch 4 on AVX2 with version 2, throughput_mixed_fp32_avx2_v2.json). With pseudo
+        rows off (chains are then the only source) or a fixed `lookup_nodes`, chains alone are
+        drafted at any batch size, as configured."""
         room = self.lookup_room(plan, batch_size)
         if not room:
             return 0
