@@ -38,10 +38,11 @@ DEFAULT_CHECKPOINT = REPO / "checkpoints" / "smollm2-135m-instruct"
 
 
 def predicted_cost(cost: dict, drafts: float, pseudo: float, context: float = 0.0) -> float:
-    """A batch-1 step with these rows, in plain steps, under a StepCost's fields (1.0: no rows)."""
-    if not drafts and not pseudo:
-        return 1.0
-    return 1.0 + cost["fixed"] + cost["row"] * drafts + cost["pseudo_row"] * pseudo + cost["context"] * context / 1000
+    """One batch-1 step with these rows, in plain steps, under a StepCost's fields (1.0: no rows,
+    no fixed cost); the model is the calibration's (`vllm_ht.calibration.step_cost`)."""
+    from vllm_ht.calibration import step_cost
+
+    return step_cost(cost, drafts, pseudo, context, share=float(bool(drafts or pseudo)))
 
 
 def summarize(plain: list[dict], policy: list[dict], cost: dict | None) -> dict:

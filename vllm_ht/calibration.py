@@ -68,10 +68,16 @@ def _extra(m: dict, plain: dict[int, float], batch_row: float) -> float:
     """An HT cell's extra over a plain step, in single-request plain steps: against its own plain
     cell when it has one (then that cell also sets the unit, plain_ms / (p(B) / p1) of the sweep:
     the machine's speed drifts between cells), else against the plain sweep."""
-    scale = _plain_at(plain, m["batch"], batch_row) / plain[1]
-    if "plain_ms" in m:
-        return (m["ms"] - m["plain_ms"]) / (m["plain_ms"] / scale)
-    return (m["ms"] - _plain_at(plain, m["batch"], batch_row)) / plain[1]
+    sweep = _plain_at(plain, m["batch"], batch_row)
+    base = m.get("plain_ms", sweep)
+    return (m["ms"] - base) / (base * plain[1] / sweep)
+
+
+def step_cost(cost: dict, drafts: float, pseudo: float, context: float = 0.0, share: float = 1.0) -> float:
+    """A batch-1 step in plain steps under StepCost fields, as the fit models it: the fixed and
+    context terms on the share of steps with rows, the row terms per row."""
+    return 1.0 + share * (cost["fixed"] + cost["context"] * context / 1000) + cost["row"] * drafts \
+        + cost["pseudo_row"] * pseudo
 
 
 def _plain_at(plain: dict[int, float], batch: int, batch_row: float) -> float:

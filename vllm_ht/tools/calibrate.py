@@ -123,13 +123,14 @@ def check_policy(results: list[dict], short: int, set_cost, plain_cell, policy_c
     plain cell, and refit with it: {predicted, measured (plain steps per step), drafting, cell,
     costs of both fits}. A drafting cell is appended to `results` (one that does not draft ran
     plain steps, and is only reported)."""
+    from ..calibration import step_cost
+
     first = fit(results, short)
     set_cost(asdict(first))
     plain = plain_cell()
     served = {"kind": "policy", "num_nodes": None, "pseudo_nodes": None, **policy_cell(), "plain_ms": plain["ms"]}
     drafting = served["ht_share"] > 0
-    predicted = 1.0 + served["ht_share"] * (first.fixed + first.context * served["context"] / 1000) \
-        + first.row * served["drafts"] + first.pseudo_row * served["pseudo"]
+    predicted = step_cost(asdict(first), served["drafts"], served["pseudo"], served["context"], served["ht_share"])
     if drafting:                       # a plan without drafts runs plain steps: nothing to refit
         results.append(served)
     second = fit(results, short)

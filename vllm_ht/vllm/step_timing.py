@@ -127,8 +127,7 @@ def set_plan(worker, num_nodes: int | None, pseudo_nodes: int | None, lookup_nod
     drafter.options.num_nodes, drafter.options.pseudo_nodes = num_nodes, pseudo_nodes
     if lookup_nodes != KEEP:
         drafter.options.lookup_nodes = lookup_nodes
-    drafter._plans.clear()
-    drafter._anchors.clear()
+    _forget_plans(drafter)
     return True
 
 
@@ -139,9 +138,15 @@ def set_cost(worker, costs: dict) -> bool:
 
     drafter = worker.model_runner.drafter
     drafter.cost = StepCost(**costs)
+    _forget_plans(drafter)
+    return True
+
+
+def _forget_plans(drafter) -> None:
+    """The drafter's cached plans (per batch size and context) and anchors were made under the old
+    options or costs."""
     drafter._plans.clear()
     drafter._anchors.clear()
-    return True
 
 
 def step_counts(worker) -> dict:
