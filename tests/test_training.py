@@ -148,3 +148,40 @@ def test_a_resumed_run_keeps_one_history_line_per_step(tiny_model, tiny_data, tm
     _trainer(tiny_model, tiny_data, tmp_path / "run", 4).run(progress=False)   # resumes at 2
     steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "history.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4]
+
+
+
+def test_a_run_continued_from_a_checkpoint_starts_from_its_weights_and_counts_its_anchors(
+        tiny_model, tiny_data, tmp_path):
+    """--init-from: the new run starts from the checkpoint's projections and Medusa heads; its
+    snapshots count anchors on top of the checkpoint's (step 0 is the checkpoint itself), also
+    after a resume; a checkpoint with other projection settings is refused with the fix."""
+    import json
+    from dataclasses import replace
+
+    import pytest
+
+    first = _trainer(tiny_model, tiny_data, tmp_path / "first", 4)
+    first = Trainer(replace(first.cfg, save_dtype="float32"), model=tiny_model)   # exact round trip
+    first.run(progress=False)                                                      # 4 x 4 x 5 = 80 anchors
+    cont = replace(first.cfg, out=str(tmp_path / "more"), steps=2, init_from=str(tmp_path / "first"))
+    probe = Trainer(cont, model=tiny_model)
+    probe.init_from(cont.init_from)
+    assert torch.equal(probe.projections.weight, first.projections.weight)
+    assert torch.equal(probe.medusa.weight, first.medusa.weight)
+    assert probe.anchors_before == 80
+
+    Trainer(replace(cont, steps=1), model=tiny_model).run(progress=False)          # stopped after step 1 ...
+    more = Trainer(cont, model=tiny_model)
+    more.run(progress=False)                                                       # ... and resumed
+    assert more.step == 2 and not torch.equal(more.projections.weight, first.projections.weight)
+    snaps = sorted((tmp_path / "more" / "snapshots").glob("step_*.pt"))
+    states = [torch.load(s, weights_only=False) for s in snaps]
+    assert [s["anchors_seen"] for s in states] == [80, 100, 120]
+    assert torch.equal(states[0]["projections"]["weight"], first.projections.weight)
+    prov = json.loads((tmp_path / "more" / "config.json").read_text())["provenance"]
+    assert prov["anchors_seen"] == 120 and prov["init_from"]["anchors_seen"] == 80
+
+    other = replace(cont, out=str(tmp_path / "other"), transfer_layers=[1, 1])
+    with pytest.raises(ValueError, match="transfer_layers.*--transfer-layers"):
+        Trainer(other, model=tiny_model).run(progress=False)

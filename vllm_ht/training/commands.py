@@ -38,6 +38,9 @@ def add_parsers(sub, model_dir_help: str) -> None:
     t.add_argument("--save-every", type=int, default=100)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--no-resume", action="store_true")
+    t.add_argument("--init-from", metavar="CHECKPOINT",
+                   help="a new run starts from this checkpoint's projections (and Medusa heads) with a fresh "
+                        "optimiser and schedule; its anchors count on top of the checkpoint's")
     t.add_argument("--eval-limit", type=int, default=None, help="calibrate on the first N held-out sequences")
     t.add_argument("--save-dtype", default="float16", choices=["float32", "float16", "bfloat16"])
     t.add_argument("--real-cache", metavar="DIR",
@@ -109,7 +112,8 @@ def train_command(args: argparse.Namespace, model: str) -> int:
                       steps=args.steps, batch_size=args.batch_size, anchors=args.anchors,
                       max_len=args.max_len, lr=args.lr, warmup=args.warmup, medusa=args.medusa,
                       save_every=args.save_every, seed=args.seed, save_dtype=args.save_dtype,
-                      real_cache=args.real_cache, real_cache_dtype=args.real_cache_dtype)
+                      real_cache=args.real_cache, real_cache_dtype=args.real_cache_dtype,
+                      init_from=args.init_from)
     trainer = Trainer(cfg)
     t0 = time.perf_counter()
     out = trainer.run(resume=not args.no_resume)

@@ -8,6 +8,10 @@ batches (its heads read the real pass's last hidden states, so it adds almost no
 Resume: `state.pt` in the output folder holds the step, the projections, the optimiser and the
 scheduler; batches and anchors depend only on (seed, step), so a resumed run equals an
 uninterrupted one.
+
+Continue (`--init-from CHECKPOINT`): a new run starts from a checkpoint's projections (and its Medusa
+heads) instead of the identity, with a fresh optimiser and schedule. Its anchors are counted on top
+of the checkpoint's, so its learning curve goes on from where that one stopped.
 """
 from __future__ import annotations
 
@@ -65,7 +69,18 @@ class TrainConfig:
     save_dtype: str = "float16"              # projection storage in the shipped checkpoint
     real_cache: str | None = None            # folder: the real pass per sequence on disk (real_cache.py)
     real_cache_dtype: str = "bfloat16"
+    init_from: str | None = None             # checkpoint folder to continue from (a new run only)
     extra: dict = field(default_factory=dict)
+
+
+def anchors_seen(provenance: dict) -> int:
+    """Anchors a checkpoint's projections were trained on, over every run that led to them."""
+    if "anchors_seen" in provenance:
+        return int(provenance["anchors_seen"])
+    train = provenance.get("train") or {}
+    if not train:
+        return 0
+    return int(train["steps"]) * int(train["batch_size"]) * int(train["anchors"])
 
 
 def lr_factor(step: int, warmup: int, total: int, floor: float = 0.1) -> float:
@@ -98,6 +113,29 @@ class Trainer:
         self.real_cache = (RealPassCache(cfg.real_cache, self.bb, self.ht_config, cfg.real_cache_dtype)
                            if cfg.real_cache else None)
         self.out = Path(cfg.out)
+        self.anchors_before = 0            # anchors of the checkpoint this run continues (--init-from)
+
+    @property
+    def anchors_seen(self) -> int:
+        return self.anchors_before + self.step * self.cfg.batch_size * self.cfg.anchors
+
+    def init_from(self, folder: str) -> None:
+        """Start from a checkpoint's projections (and Medusa heads, if both have them)."""
+        from ..checkpoint import load_checkpoint
+
+        config, projections = load_checkpoint(folder)
+        mine, theirs = asdict(self.ht_config), asdict(config)
+        changed = {k: (theirs[k], mine[k]) for k in ("hidden_size", "num_hidden_layers", *SHAPE_FIELDS)
+                   if theirs[k] != mine[k]}
+        if changed:
+            raise ValueError(f"--init-from {folder}: its projections have other settings than this run's "
+                             f"({changed}, checkpoint vs run); pass the checkpoint's --num-steps / "
+                             f"--transfer-layers / --fuse-layers / --bias, or train without --init-from")
+        self.projections.load_state_dict(projections.state_dict())
+        heads = Path(folder) / MEDUSA_FILE
+        if self.medusa is not None and heads.is_file():
+            self.medusa.load_state_dict(MedusaHeads.load(str(heads)).state_dict())
+        self.anchors_before = anchors_seen(config.provenance or {})
 
     # ---- one step --------------------------------------------------------------------------
     def train_step(self) -> dict:
@@ -132,14 +170,15 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         state = {"step": self.step, "projections": self.projections.state_dict(), "opt": self.opt.state_dict(),
                  "sched": self.sched.state_dict(), "cfg": asdict(self.cfg),
-                 "medusa": self.medusa.state_dict() if self.medusa else None}
+                 "medusa": self.medusa.state_dict() if self.medusa else None,
+                 "anchors_before": self.anchors_before}
         tmp = self.out / (STATE_FILE + ".tmp")
         torch.save(state, tmp)
         tmp.replace(self.out / STATE_FILE)
         # the projections at this step, for the learning curve (`vllm-ht eval-drafts --curve`)
         snap = self.out / SNAPSHOT_DIR
         snap.mkdir(exist_ok=True)
-        torch.save({"step": self.step, "anchors_seen": self.step * self.cfg.batch_size * self.cfg.anchors,
+        torch.save({"step": self.step, "anchors_seen": self.anchors_seen,
                     "projections": self.projections.state_dict()}, snap / f"step_{self.step:06d}.pt")
 
     def load_state(self) -> bool:
@@ -158,6 +197,7 @@ class Trainer:
         self.sched.load_state_dict(state["sched"])
         if self.medusa is not None and state.get("medusa"):
             self.medusa.load_state_dict(state["medusa"])
+        self.anchors_before = state.get("anchors_before", 0)
         return True
 
     def _trim_history(self) -> None:
@@ -182,9 +222,17 @@ class Trainer:
     def run(self, progress: bool = True, resume: bool = True) -> Path:
         if resume and self.load_state():
             log.info("resumed at step %d from %s", self.step, self.out / STATE_FILE)
+            fresh = False
+        else:
+            fresh = True
+            if self.cfg.init_from:
+                self.init_from(self.cfg.init_from)
+                log.info("continuing %s (%d anchors seen)", self.cfg.init_from, self.anchors_before)
         start, t0 = self.step, time.perf_counter()
         self.out.mkdir(parents=True, exist_ok=True)
         self._trim_history()
+        if fresh and self.cfg.init_from:
+            self.save_state()          # step 0: the starting point of the learning curve
         bar = tqdm(total=self.cfg.steps, initial=self.step, desc="train", disable=not progress)
         history = []
         while self.step < self.cfg.steps:
@@ -204,6 +252,9 @@ class Trainer:
                             "tokens": sum(len(s.ids) for s in self.seqs), "steps_this_run": self.step - start,
                             "seconds_this_run": round(seconds, 1), "last_20_steps": summary,
                             "hardware": f"{torch.get_num_threads()} CPU threads",
+                            "anchors_seen": self.anchors_seen,
+                            **({"init_from": {"checkpoint": self.cfg.init_from, "anchors_seen": self.anchors_before}}
+                               if self.cfg.init_from else {}),
                             **({"real_cache": {"sequences_read": self.real_cache.hits,
                                                "sequences_written": self.real_cache.misses}}
                                if self.real_cache is not None else {})})
