@@ -66,55 +66,72 @@ def test_unsupported_architecture(model_dir, tmp_path):
         ht_engine_kwargs(str(fake))
 
 
-def test_vllm_serve_refuses_before_starting_the_engine(model_dir, tmp_path):
+PARALLEL_FLAGS = {
+    "tp2": (["--tensor-parallel-size", "2"], ["does not divide the model's attention heads (9 query, 3 KV)",
+                                              "vllm-ht prepare-model --pad-heads-for-tp 2"]),
+    "ray": (["--distributed-executor-backend", "ray"], ["CPU platform does not support the Ray executor",
+                                                        "drop --distributed-executor-backend"]),
+}
+
+
+@pytest.fixture(scope="module")
+def refused(model_dir, tmp_path_factory) -> dict[str, subprocess.CompletedProcess]:
+    """Every `vllm serve` this module expects to be refused, started together (three at a time):
+    each spends ~17 s of one core importing vLLM before it refuses, so on 2 cores they take about
+    half the time one after the other would."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    tmp = tmp_path_factory.mktemp("refused")
     exe = shutil.which("vllm", path=str(Path(sys.executable).parent))
-    proc = subprocess.run([exe, "serve", str(model_dir), "--speculative-model", "hidden_transfer",
-                           "--ht-checkpoint", str(_checkpoint(tmp_path, hidden_size=768))],
-                          capture_output=True, text=True, timeout=180)
+    corrupt = _checkpoint(tmp / "corrupt", hidden_size=576)
+    (corrupt / "projections.safetensors").write_bytes(b"junk")
+    ht = ["--speculative-model", "hidden_transfer"]
+    argvs = {
+        "hidden_size": [*ht, "--ht-checkpoint", str(_checkpoint(tmp / "wide", hidden_size=768))],
+        "corrupt": [*ht, "--ht-checkpoint", str(corrupt)],
+        "no_method": ["--ht-checkpoint", str(_checkpoint(tmp / "plain"))],
+        "pipeline": [*ht, "--pipeline-parallel-size", "2"],
+        **{name: [*ht, *flags] for name, (flags, _) in PARALLEL_FLAGS.items()},
+    }
+
+    def serve(argv):
+        return subprocess.run([exe, "serve", str(model_dir), *argv], capture_output=True, text=True, timeout=300)
+
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        return dict(zip(argvs, pool.map(serve, argvs.values())))
+
+
+def test_vllm_serve_refuses_before_starting_the_engine(refused):
+    proc = refused["hidden_size"]
     assert proc.returncode != 0
     assert "vllm-ht: checkpoint hidden_size=768 but the model has hidden_size=576" in proc.stderr
     assert "EngineCore" not in proc.stderr  # stopped in the API process, nothing was allocated
 
 
-def test_vllm_serve_refuses_a_corrupt_checkpoint_file(model_dir, tmp_path):
-    ck = _checkpoint(tmp_path, hidden_size=576)
-    (ck / "projections.safetensors").write_bytes(b"junk")
-    exe = shutil.which("vllm", path=str(Path(sys.executable).parent))
-    proc = subprocess.run([exe, "serve", str(model_dir), "--speculative-model", "hidden_transfer",
-                           "--ht-checkpoint", str(ck)], capture_output=True, text=True, timeout=180)
+def test_vllm_serve_refuses_a_corrupt_checkpoint_file(refused):
+    proc = refused["corrupt"]
     assert proc.returncode != 0
     assert "vllm-ht:" in proc.stderr and "corrupt" in proc.stderr
     assert "EngineCore" not in proc.stderr
 
 
-def test_ht_flags_without_the_method_are_refused(model_dir, tmp_path):
-    exe = shutil.which("vllm", path=str(Path(sys.executable).parent))
-    proc = subprocess.run([exe, "serve", str(model_dir), "--ht-checkpoint", str(_checkpoint(tmp_path))],
-                          capture_output=True, text=True, timeout=180)
+def test_ht_flags_without_the_method_are_refused(refused):
+    proc = refused["no_method"]
     assert proc.returncode != 0 and "need --speculative-model hidden_transfer" in proc.stderr
 
 
-def test_pipeline_parallelism_is_refused_at_startup(model_dir):
-    exe = shutil.which("vllm", path=str(Path(sys.executable).parent))
-    proc = subprocess.run([exe, "serve", str(model_dir), "--speculative-model", "hidden_transfer",
-                           "--pipeline-parallel-size", "2"], capture_output=True, text=True, timeout=180)
+def test_pipeline_parallelism_is_refused_at_startup(refused):
+    proc = refused["pipeline"]
     assert proc.returncode != 0
     assert "does not support pipeline parallelism" in proc.stderr and "--pipeline-parallel-size 1" in proc.stderr
     assert "EngineCore" not in proc.stderr
 
 
-@pytest.mark.parametrize("flags, says", [
-    (["--tensor-parallel-size", "2"], ["does not divide the model's attention heads (9 query, 3 KV)",
-                                       "vllm-ht prepare-model --pad-heads-for-tp 2"]),
-    (["--distributed-executor-backend", "ray"], ["CPU platform does not support the Ray executor",
-                                                 "drop --distributed-executor-backend"]),
-])
-def test_unworkable_parallel_setups_are_refused_at_startup(model_dir, flags, says):
-    exe = shutil.which("vllm", path=str(Path(sys.executable).parent))
-    proc = subprocess.run([exe, "serve", str(model_dir), "--speculative-model", "hidden_transfer", *flags],
-                          capture_output=True, text=True, timeout=180)
+@pytest.mark.parametrize("case", list(PARALLEL_FLAGS))
+def test_unworkable_parallel_setups_are_refused_at_startup(refused, case):
+    proc = refused[case]
     assert proc.returncode != 0
-    for text in says:
+    for text in PARALLEL_FLAGS[case][1]:
         assert text in proc.stderr
     assert "EngineCore" not in proc.stderr
 
