@@ -185,3 +185,22 @@ def test_a_run_continued_from_a_checkpoint_starts_from_its_weights_and_counts_it
     other = replace(cont, out=str(tmp_path / "other"), transfer_layers=[1, 1])
     with pytest.raises(ValueError, match="transfer_layers.*--transfer-layers"):
         Trainer(other, model=tiny_model).run(progress=False)
+    # resuming the folder as another run (without --init-from) is refused, not silently mixed
+    with pytest.raises(ValueError, match="started from .*first.*the same --init-from"):
+        Trainer(replace(cont, init_from=None, steps=3), model=tiny_model).run(progress=False)
+    # a run started afresh in that folder keeps none of its snapshots or learning curve
+    (tmp_path / "more" / "learning_curve.json").write_text("{}")
+    afresh = Trainer(replace(cont, init_from=None, steps=2), model=tiny_model)
+    afresh.run(progress=False, resume=False)
+    assert not (tmp_path / "more" / "learning_curve.json").exists()
+    assert sorted(p.name for p in (tmp_path / "more" / "snapshots").glob("*.pt")) == ["step_000002.pt"]
+    assert torch.load(tmp_path / "more" / "snapshots" / "step_000002.pt", weights_only=False)["anchors_seen"] == 40
+
+
+def test_anchors_seen_of_a_checkpoint():
+    from vllm_ht.training.train import anchors_seen
+
+    assert anchors_seen({"anchors_seen": 1234, "train": {"steps": 1, "batch_size": 1, "anchors": 1}}) == 1234
+    # the shipped checkpoint's provenance predates the field: steps x batch x anchors of its run
+    assert anchors_seen({"train": {"steps": 1500, "batch_size": 8, "anchors": 64}}) == 768_000
+    assert anchors_seen({}) == 0

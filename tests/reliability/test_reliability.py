@@ -194,7 +194,7 @@ def test_malformed_requests_are_4xx_and_the_server_keeps_serving(ht, model, plai
 
 def test_kv_cache_pressure_and_preemption(model, plain, tmp_path):
     """Five KV blocks of 128 tokens (one is vLLM's null block: room for 512 tokens) for 6 concurrent
-    greedy requests whose decoding crosses a block boundary (12 blocks asked at the end against 4):
+    greedy requests whose decoding crosses a block boundary (up to 12 blocks asked against 4):
     running requests run out of blocks, vLLM preempts and recomputes; every HT output still equals
     plain vLLM's."""
     with Server(model, COMMON + HT + ["--num-gpu-blocks-override", "5"], tmp_path / "server.log", env=KV) as s:

@@ -16,9 +16,7 @@ import torch
 from ..config import HiddenTransferConfig
 from ..projections import TransferProjections
 from .evaluate import evaluate, ht_drafter
-from .train import SNAPSHOT_DIR, STATE_FILE
-
-CURVE_FILE = "learning_curve.json"
+from .train import CURVE_FILE, SNAPSHOT_DIR, STATE_FILE
 
 
 def run_config(run: Path, model_config) -> HiddenTransferConfig:

@@ -41,6 +41,7 @@ STATE_FILE = "state.pt"
 # settings that shape the projections: a resumed run must keep them
 SHAPE_FIELDS = ("num_steps", "transfer_layers", "bias", "fuse_layers")
 SNAPSHOT_DIR = "snapshots"      # projections at every save, for the learning curve
+CURVE_FILE = "learning_curve.json"   # the learning curve's rows (curve.py)
 HISTORY_FILE = "history.jsonl"  # per-step training loss and top-1 (appended; a resumed run goes on)
 MEDUSA_FILE = "medusa.safetensors"
 
@@ -124,6 +125,7 @@ class Trainer:
         from ..checkpoint import load_checkpoint
 
         config, projections = load_checkpoint(folder)
+        config.check_model(self.model.config)        # vocab, width, depth, architecture: names the fix
         mine, theirs = asdict(self.ht_config), asdict(config)
         changed = {k: (theirs[k], mine[k]) for k in ("hidden_size", "num_hidden_layers", *SHAPE_FIELDS)
                    if theirs[k] != mine[k]}
@@ -191,6 +193,10 @@ class Trainer:
         if changed:
             raise ValueError(f"{path} was saved by a run with other projections ({changed}, as saved vs asked): "
                              f"resume with the same settings, or start afresh with another --out (or --no-resume)")
+        if state["cfg"].get("init_from") != self.cfg.init_from:
+            raise ValueError(f"{path} was saved by a run started from {state['cfg'].get('init_from') or 'the identity'}, "
+                             f"not from {self.cfg.init_from or 'the identity'}: resume with the same --init-from, "
+                             f"or start afresh with another --out (or --no-resume)")
         self.step = state["step"]
         self.projections.load_state_dict(state["projections"])
         self.opt.load_state_dict(state["opt"])
@@ -200,16 +206,19 @@ class Trainer:
         self.anchors_before = state.get("anchors_before", 0)
         return True
 
-    def _trim_history(self) -> None:
-        """Drop history lines past the step this run starts from (a resumed run redoes them), and
-        snapshots too (a run started afresh in an old folder)."""
+    def _trim_history(self, fresh: bool) -> None:
+        """Drop history lines past the step this run starts from (a resumed run redoes them) and the
+        snapshots past it. A run started afresh in an old folder drops every snapshot, step 0's
+        included, and the learning curve evaluated from them (curve.py reuses rows by step)."""
         path = self.out / HISTORY_FILE
         if path.is_file():
             keep = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= self.step]
             path.write_text("".join(line + "\n" for line in keep))
         for snap in (self.out / SNAPSHOT_DIR).glob("step_*.pt"):
-            if int(snap.stem.split("_")[1]) > self.step:
+            if fresh or int(snap.stem.split("_")[1]) > self.step:
                 snap.unlink()
+        if fresh:
+            (self.out / CURVE_FILE).unlink(missing_ok=True)
 
     def export(self, provenance: dict) -> Path:
         """Write the checkpoint folder (config.json + projections.safetensors [+ medusa])."""
@@ -230,7 +239,7 @@ class Trainer:
                 log.info("continuing %s (%d anchors seen)", self.cfg.init_from, self.anchors_before)
         start, t0 = self.step, time.perf_counter()
         self.out.mkdir(parents=True, exist_ok=True)
-        self._trim_history()
+        self._trim_history(fresh)
         if fresh and self.cfg.init_from:
             self.save_state()          # step 0: the starting point of the learning curve
         bar = tqdm(total=self.cfg.steps, initial=self.step, desc="train", disable=not progress)
