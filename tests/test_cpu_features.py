@@ -63,15 +63,13 @@ def test_serve_picks_fp32_only_without_a_dtype_on_the_cpu_build_of_a_cpu_without
     assert with_serving_dtype(args, cpu_build=True, cpuinfo=_file(tmp_path / "amx", AMX)) == args
 
 
-def test_make_data_answers_in_this_cpus_dtype(monkeypatch):
-    """make-data's training set: fp32 on vLLM's CPU build without native bf16 (bf16 generation ran
-    ~4x slower there), bf16 where it is native or on a GPU build."""
-    import vllm_ht.cpu_features as cf
-    import vllm_ht.vllm.launcher as launcher
-    from vllm_ht.cli import _training_dtype
 
-    for cpu_build, native, want in ((True, False, "float32"), (True, True, "bfloat16"),
-                                    (True, None, "bfloat16"), (False, False, "bfloat16")):
-        monkeypatch.setattr(launcher, "is_cpu_build", lambda: cpu_build)
-        monkeypatch.setattr(cf, "native_bf16", lambda *a, **k: native)
-        assert _training_dtype() == want, (cpu_build, native)
+def test_make_data_answers_in_this_cpus_dtype(tmp_path):
+    """make-data's training set: fp32 on vLLM's CPU build without native bf16 (bf16 generation ran
+    ~5x slower there), bf16 where it is native, unknown, or on another vLLM build."""
+    from vllm_ht.cpu_features import training_dtype
+
+    for name, text, cpu_build, want in (("avx2", AVX2, True, "float32"), ("amx", AMX, True, "bfloat16"),
+                                        ("s390x", S390X, True, "bfloat16"), ("gpu", AVX2, False, "bfloat16")):
+        (tmp_path / name).mkdir()
+        assert training_dtype(cpu_build, _file(tmp_path / name, text)) == want, name

@@ -82,8 +82,10 @@ def _generate(args: argparse.Namespace) -> int:
 
 def _make_data(args: argparse.Namespace) -> int:
     from .models import cache_dir
+    from .cpu_features import training_dtype
     from .prompts import load_prompts
     from .training.distill import DistillJob, run, training_prompts
+    from .vllm.launcher import is_cpu_build
 
     model = _model_dir(args.model)
     eval_prompts = load_prompts(args.eval_prompts, turns="all")
@@ -91,22 +93,12 @@ def _make_data(args: argparse.Namespace) -> int:
         prompts, out, dtype = load_prompts(args.eval_prompts), "mtbench.jsonl", args.dtype or "float32"
     else:
         prompts, out, dtype = (training_prompts(args.num, eval_prompts, args.seed), "train.jsonl",
-                               args.dtype or _training_dtype())
+                               args.dtype or training_dtype(cpu_build=is_cpu_build()))
     path = Path(args.out) if args.out else cache_dir() / "data" / Path(model).name / out
     run(DistillJob(model=model, out=path, prompts=prompts, max_tokens=args.max_tokens, dtype=dtype,
                    temperature=args.temperature, enforce_eager=args.enforce_eager, seed=args.seed))
     print(path)
     return 0
-
-
-def _training_dtype() -> str:
-    """make-data's default for the training set: bf16, except on vLLM's CPU build where this CPU has no
-    native bf16. There generation in bf16 runs ~4x slower than fp32 (a 2-core AVX2 CPU wrote 128
-    answers in 16 minutes), so the answers are made in fp32, the dtype such a machine serves in."""
-    from .cpu_features import serving_dtype
-    from .vllm.launcher import is_cpu_build
-
-    return serving_dtype() if is_cpu_build() else "bfloat16"
 
 
 def _serve(argv: list[str]) -> int:

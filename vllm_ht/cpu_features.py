@@ -51,6 +51,14 @@ def serving_dtype(cpuinfo: Path = CPUINFO) -> str:
     return "float32" if native_bf16(cpuinfo) is False else "bfloat16"
 
 
+def training_dtype(cpu_build: bool, cpuinfo: Path = CPUINFO) -> str:
+    """`make-data`'s dtype for the training set: bf16, except on vLLM's CPU build (`cpu_build`:
+    vllm_ht.vllm.launcher.is_cpu_build) where this CPU has no native bf16. There bf16 generation ran
+    ~5x slower than fp32 (a 2-core AVX2 CPU wrote 128 answers in 16 minutes, in 3.2 in fp32 eager),
+    so the answers are made in fp32, the dtype such a machine serves in."""
+    return serving_dtype(cpuinfo) if cpu_build else "bfloat16"
+
+
 def bf16_warning(dtype: str, cpuinfo: Path = CPUINFO) -> str | None:
     """The warning for serving `dtype` on this CPU, or None when there is nothing to say."""
     if "bfloat16" not in str(dtype) or native_bf16(cpuinfo) is not False:
