@@ -81,8 +81,8 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _make_data(args: argparse.Namespace) -> int:
-    from .models import cache_dir
     from .cpu_features import training_dtype
+    from .models import cache_dir
     from .prompts import load_prompts
     from .training.distill import DistillJob, run, training_prompts
     from .vllm.launcher import is_cpu_build
