@@ -63,7 +63,6 @@ def test_serve_picks_fp32_only_without_a_dtype_on_the_cpu_build_of_a_cpu_without
     assert with_serving_dtype(args, cpu_build=True, cpuinfo=_file(tmp_path / "amx", AMX)) == args
 
 
-
 def test_make_data_answers_in_this_cpus_dtype(tmp_path):
     """make-data's training set: fp32 on vLLM's CPU build without native bf16 (bf16 generation ran
     ~5x slower there), bf16 where it is native, unknown, or on another vLLM build."""

@@ -150,7 +150,6 @@ def test_a_resumed_run_keeps_one_history_line_per_step(tiny_model, tiny_data, tm
     assert steps == [1, 2, 3, 4]
 
 
-
 def test_a_run_continued_from_a_checkpoint_starts_from_its_weights_and_counts_its_anchors(
         tiny_model, tiny_data, tmp_path):
     """--init-from: the new run starts from the checkpoint's projections and Medusa heads; its

@@ -80,8 +80,8 @@ def arms(model_dir, tmp_path_factory):
     prompts = tmp / "prompt.jsonl"
     prompts.write_text(json.dumps({"turns": [PROMPT]}) + "\n")
     assert PREFIX_BLOCK < _chat_tokens(model_dir, PROMPT) <= PREFIX_BLOCK + 32
-    args = ["--prompts", str(prompts), "--limit", "1", "--repeat", str(SAMPLES), "--max-tokens", str(TOKENS), "--temperature", "0.8",
-            "--seed", "0", "--batch-sizes", str(BATCH), "--request-params", str(params)]
+    args = ["--prompts", str(prompts), "--limit", "1", "--repeat", str(SAMPLES), "--max-tokens", str(TOKENS),
+            "--temperature", "0.8", "--seed", "0", "--batch-sizes", str(BATCH), "--request-params", str(params)]
     ht_args = ["--method", "ht", "--checkpoint", str(trained_checkpoint()), "--num-nodes", "4"]
     # on a 2-core AVX2 CPU the HT engine ran past run_engine's default 390 s with 1,500 requests
     plain = run_engine(model_dir, tmp / "p.json", *args, timeout=ENGINE_TIMEOUT)["runs"][str(BATCH)]

@@ -127,8 +127,7 @@ class Trainer:
         config, projections = load_checkpoint(folder)
         config.check_model(self.model.config)        # vocab, width, depth, architecture: names the fix
         mine, theirs = asdict(self.ht_config), asdict(config)
-        changed = {k: (theirs[k], mine[k]) for k in ("hidden_size", "num_hidden_layers", *SHAPE_FIELDS)
-                   if theirs[k] != mine[k]}
+        changed = {k: (theirs[k], mine[k]) for k in SHAPE_FIELDS if theirs[k] != mine[k]}
         if changed:
             raise ValueError(f"--init-from {folder}: its projections have other settings than this run's "
                              f"({changed}, checkpoint vs run); pass the checkpoint's --num-steps / "
