@@ -6,6 +6,7 @@ from vllm_ht.config import HiddenTransferConfig
 from vllm_ht.projections import TransferProjections
 from vllm_ht.training.data import batch_for_step, load_sequences, sample_anchors
 from vllm_ht.training.loss import distill_loss
+from vllm_ht.training.loss import teacher_logprobs as loss_teacher
 from vllm_ht.training.passes import _pseudo_mask, pseudo_pass, real_pass, targets_valid
 from vllm_ht.training.train import TrainConfig, Trainer
 
@@ -64,6 +65,23 @@ def test_loss_and_its_hand_written_gradient_match_autograd(tiny_model, monkeypat
     torch.testing.assert_close(out.loss.detach(), ref.detach())
     torch.testing.assert_close(draft.grad, ref_draft.grad)
     assert draft.grad.abs().sum() > 0
+
+
+def test_teacher_rows_shared_by_pseudo_rows_are_computed_once_and_equal_the_per_row_ones(tiny_model, monkeypatch):
+    import vllm_ht.training.train as train_mod
+
+    bb = Backbone(tiny_model)
+    final = torch.randn(2, 9, 32, generator=torch.Generator().manual_seed(5))
+    anchors = torch.tensor([[2, 3, 4], [1, 5, 6]])                  # adjacent anchors share teachers
+    tpos = (anchors[:, :, None] + torch.arange(2) + 1).clamp(max=8)
+    valid = targets_valid(anchors, torch.tensor([9, 8]), 2)
+    rows = []
+    monkeypatch.setattr(train_mod, "teacher_logprobs",
+                        lambda bb_, x: rows.append(x.shape[0]) or loss_teacher(bb_, x))
+    got = train_mod.unique_teacher_logprobs(bb, final, tpos, valid)
+    per_row = loss_teacher(bb, final[torch.arange(2)[:, None, None], tpos][valid])
+    torch.testing.assert_close(got, per_row)
+    assert int(valid.sum()) == 9 and rows == [7]           # 9 valid rows, 7 distinct teacher positions
 
 
 def test_pseudo_pass_matches_inference_forward(tiny_model):
