@@ -3,7 +3,9 @@
 Output is a jsonl file, one sequence per line: {"id", "prompt", "prompt_ids", "response_ids"}.
 `prompt_ids` is the chat-templated prompt, `response_ids` the model's greedy (or sampled) answer.
 Generation runs in chunks and appends each finished chunk, so an interrupted run resumes where it
-stopped (ids already in the file are skipped).
+stopped (ids already in the file are skipped). `<out>.meta.json` records what made the lines (model,
+dtype, length, temperature, seed); a resume under other settings is refused with the fix, so one
+file never mixes, say, bf16 and fp32 answers, or two seeds' prompt lists under the same ids.
 
 vLLM's CPU engine spawns processes: call `make_data` under an `if __name__ == "__main__":` guard
 (the `vllm-ht make-data` console script has one).
@@ -37,6 +39,31 @@ class DistillJob:
     seed: int = 0
 
 
+def settings(job: DistillJob) -> dict:
+    """What decides the lines of a file: a resumed run must use the same."""
+    return {"model": Path(job.model).name, "dtype": job.dtype, "max_tokens": job.max_tokens,
+            "temperature": job.temperature, "seed": job.seed}
+
+
+def meta_path(out: Path) -> Path:
+    return out.with_name(out.name + ".meta.json")
+
+
+def check_resume(job: DistillJob, have: set[int]) -> None:
+    """Refuse to append to lines made under other settings; record this run's settings."""
+    meta, mine = meta_path(job.out), settings(job)
+    if have and meta.is_file():
+        theirs = json.loads(meta.read_text())
+        changed = {k: (theirs.get(k), v) for k, v in mine.items() if theirs.get(k) != v}
+        if changed:
+            raise ValueError(f"{job.out} holds {len(have)} sequences made with other settings ({changed}, "
+                             f"as made vs asked): resume with the same settings (--dtype / --max-tokens / "
+                             f"--temperature / --seed / --model), or write to another --out")
+    elif have:
+        log.warning("%s: %d sequences without %s; their settings are not checked", job.out, len(have), meta.name)
+    meta.write_text(json.dumps(mine) + "\n")
+
+
 def done_ids(path: Path) -> set[int]:
     if not path.is_file():
         return set()
@@ -66,6 +93,7 @@ def run(job: DistillJob, progress: bool = True) -> Path:
     job.out.parent.mkdir(parents=True, exist_ok=True)
     _truncate_torn_tail(job.out)
     have = done_ids(job.out)
+    check_resume(job, have)
     todo = [(i, p) for i, p in enumerate(job.prompts) if i not in have]
     bar = tqdm(total=len(job.prompts), initial=len(job.prompts) - len(todo), desc="self-distil",
                unit="seq", disable=not progress)
