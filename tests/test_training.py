@@ -215,7 +215,7 @@ def test_a_run_continued_from_a_checkpoint_starts_from_its_weights_and_counts_it
 
 
 def test_anchors_seen_of_a_checkpoint():
-    from vllm_ht.training.train import anchors_seen
+    from vllm_ht.training.train import checkpoint_anchors as anchors_seen
 
     assert anchors_seen({"anchors_seen": 1234, "train": {"steps": 1, "batch_size": 1, "anchors": 1}}) == 1234
     # the shipped checkpoint's provenance predates the field: steps x batch x anchors of its run

@@ -56,6 +56,9 @@ def plot_learning_curve(rows: list[dict], path: Path) -> Path:
     from .plots import _save, plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
+    # the x axis is logarithmic: a start at 0 anchors (a run continued from a checkpoint without
+    # provenance) has no place on it, and stays in the JSON only
+    rows = [r for r in rows if r["anchors_seen"] > 0]
     anchors = [r["anchors_seen"] for r in rows]
     for d in range(len(rows[0]["top1"]) if rows else 0):
         ax.plot(anchors, [r["top1"][d] for r in rows], marker="o", label=f"depth {d + 1} top-1")

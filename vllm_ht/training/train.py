@@ -74,7 +74,7 @@ class TrainConfig:
     extra: dict = field(default_factory=dict)
 
 
-def anchors_seen(provenance: dict) -> int:
+def checkpoint_anchors(provenance: dict) -> int:
     """Anchors a checkpoint's projections were trained on, over every run that led to them."""
     if "anchors_seen" in provenance:
         return int(provenance["anchors_seen"])
@@ -148,7 +148,7 @@ class Trainer:
         heads = Path(folder) / MEDUSA_FILE
         if self.medusa is not None and heads.is_file():
             self.medusa.load_state_dict(MedusaHeads.load(str(heads)).state_dict())
-        self.anchors_before = anchors_seen(config.provenance or {})
+        self.anchors_before = checkpoint_anchors(config.provenance or {})
 
     # ---- one step --------------------------------------------------------------------------
     def train_step(self) -> dict:
