@@ -103,6 +103,12 @@ def test_pseudo_pass_matches_inference_forward(tiny_model):
     torch.testing.assert_close(train_out[0], infer.pseudo_hidden, atol=1e-5, rtol=1e-5)
 
 
+def test_max_lines_keeps_the_first_lines_of_the_file(tiny_data):
+    every = load_sequences(tiny_data, max_len=64)
+    first = load_sequences(tiny_data, max_len=64, max_lines=5)
+    assert len(every) == 12 and [s.ids for s in first] == [s.ids for s in every[:5]]
+
+
 def test_batches_and_anchors_are_reproducible(tiny_data):
     seqs = load_sequences(tiny_data, max_len=64)
     a, b = batch_for_step(seqs, 5, 4, seed=3), batch_for_step(seqs, 5, 4, seed=3)

@@ -32,6 +32,8 @@ def add_parsers(sub, model_dir_help: str) -> None:
     t.add_argument("--batch-size", type=int, default=8)
     t.add_argument("--anchors", type=int, default=64, help="anchors sampled per sequence per step")
     t.add_argument("--max-len", type=int, default=384)
+    t.add_argument("--max-sequences", type=int, metavar="N",
+                   help="train on the data file's first N lines only (a file still being made, or a fixed subset)")
     t.add_argument("--lr", type=float, default=2e-3)
     t.add_argument("--warmup", type=int, default=50)
     t.add_argument("--medusa", action="store_true", help="also train the Medusa-1 baseline on the same batches")
@@ -113,7 +115,7 @@ def train_command(args: argparse.Namespace, model: str) -> int:
                       max_len=args.max_len, lr=args.lr, warmup=args.warmup, medusa=args.medusa,
                       save_every=args.save_every, seed=args.seed, save_dtype=args.save_dtype,
                       real_cache=args.real_cache, real_cache_dtype=args.real_cache_dtype,
-                      init_from=args.init_from)
+                      init_from=args.init_from, max_sequences=args.max_sequences)
     trainer = Trainer(cfg)
     t0 = time.perf_counter()
     out = trainer.run(resume=not args.no_resume)

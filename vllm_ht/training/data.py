@@ -25,13 +25,18 @@ class Batch:
     prompt_lens: torch.Tensor  # [B] long
 
 
-def load_sequences(path: str | Path, max_len: int, min_response: int = 4) -> list[Sequence]:
+def load_sequences(path: str | Path, max_len: int, min_response: int = 4,
+                   max_lines: int | None = None) -> list[Sequence]:
+    """The file's sequences (responses of at least `min_response` tokens), from its first
+    `max_lines` lines only if given: a run on part of a file still being made stays reproducible."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: make it with `vllm-ht make-data`")
     out = []
     with open(path) as f:
-        for line in f:
+        for n, line in enumerate(f):
+            if max_lines is not None and n >= max_lines:
+                break
             if not line.strip():
                 continue
             row = json.loads(line)

@@ -71,6 +71,7 @@ class TrainConfig:
     real_cache: str | None = None            # folder: the real pass per sequence on disk (real_cache.py)
     real_cache_dtype: str = "bfloat16"
     init_from: str | None = None             # checkpoint folder to continue from (a new run only)
+    max_sequences: int | None = None         # train on the data file's first N lines only
     extra: dict = field(default_factory=dict)
 
 
@@ -122,7 +123,7 @@ class Trainer:
         self.sched = torch.optim.lr_scheduler.LambdaLR(
             self.opt, lambda s: lr_factor(s, cfg.warmup, cfg.steps))
         self.step = 0
-        self.seqs = load_sequences(cfg.data, cfg.max_len)
+        self.seqs = load_sequences(cfg.data, cfg.max_len, max_lines=cfg.max_sequences)
         self.real_cache = (RealPassCache(cfg.real_cache, self.bb, self.ht_config, cfg.real_cache_dtype)
                            if cfg.real_cache else None)
         self.out = Path(cfg.out)
