@@ -94,6 +94,7 @@ def _make_data(args: argparse.Namespace) -> int:
     else:
         prompts, out, dtype = (training_prompts(args.num, eval_prompts, args.seed), "train.jsonl",
                                args.dtype or training_dtype(cpu_build=is_cpu_build()))
+        prompts = prompts[: args.first]
     path = Path(args.out) if args.out else cache_dir() / "data" / Path(model).name / out
     run(DistillJob(model=model, out=path, prompts=prompts, max_tokens=args.max_tokens, dtype=dtype,
                    temperature=args.temperature, enforce_eager=args.enforce_eager, seed=args.seed))
@@ -206,6 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--dtype", default=None, help="vLLM dtype (default: bfloat16, or float32 on vLLM's CPU build where this CPU has no native bf16; "
                         "float32 with --eval)")
     m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--first", type=int, metavar="N",
+                   help="answer only the first N of the --num prompts (same ids; a later run without it adds the rest)")
     m.add_argument("--enforce-eager", action="store_true", help="skip torch.compile (faster start, slower run)")
     m.add_argument("--eval", action="store_true", help="make the held-out set from --eval-prompts instead")
     m.add_argument("--eval-prompts", default=str(DEFAULT_EVAL_PROMPTS),
