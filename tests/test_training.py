@@ -1,4 +1,5 @@
 """Training on a tiny random Llama: loss masking, the pseudo mask, resume == uninterrupted."""
+import pytest
 import torch
 
 from vllm_ht.backbone import Backbone
@@ -107,6 +108,18 @@ def test_max_lines_keeps_the_first_lines_of_the_file(tiny_data):
     every = load_sequences(tiny_data, max_len=64)
     first = load_sequences(tiny_data, max_len=64, max_lines=5)
     assert len(every) == 12 and [s.ids for s in first] == [s.ids for s in every[:5]]
+    with pytest.raises(ValueError, match="has 12 lines, fewer than the 13 asked for.*make-data"):
+        load_sequences(tiny_data, max_len=64, max_lines=13)
+
+
+def test_a_resume_on_another_number_of_lines_is_refused(tiny_model, tiny_data, tmp_path):
+    from dataclasses import replace
+
+    run = _trainer(tiny_model, tiny_data, tmp_path / "run", 2)
+    run = Trainer(replace(run.cfg, max_sequences=8), model=tiny_model)
+    run.run(progress=False)
+    with pytest.raises(ValueError, match="run on 8 lines of its data, not all: resume with the same --max-sequences"):
+        _trainer(tiny_model, tiny_data, tmp_path / "run", 2).load_state()
 
 
 def test_batches_and_anchors_are_reproducible(tiny_data):
@@ -182,7 +195,6 @@ def test_a_run_continued_from_a_checkpoint_starts_from_its_weights_and_counts_it
     import json
     from dataclasses import replace
 
-    import pytest
 
     first = _trainer(tiny_model, tiny_data, tmp_path / "first", 4)
     first = Trainer(replace(first.cfg, save_dtype="float32"), model=tiny_model)   # exact round trip

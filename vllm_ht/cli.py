@@ -87,6 +87,8 @@ def _make_data(args: argparse.Namespace) -> int:
     from .training.distill import DistillJob, run, training_prompts
     from .vllm.launcher import is_cpu_build
 
+    if args.first is not None and (args.first < 1 or args.eval):
+        raise SystemExit("make-data: --first takes N >= 1, and only for the training set (not with --eval)")
     model = _model_dir(args.model)
     eval_prompts = load_prompts(args.eval_prompts, turns="all")
     if args.eval:  # held-out set: the model's own greedy fp32 answers to the eval prompts' first turns
@@ -94,10 +96,10 @@ def _make_data(args: argparse.Namespace) -> int:
     else:
         prompts, out, dtype = (training_prompts(args.num, eval_prompts, args.seed), "train.jsonl",
                                args.dtype or training_dtype(cpu_build=is_cpu_build()))
-        prompts = prompts[: args.first]
     path = Path(args.out) if args.out else cache_dir() / "data" / Path(model).name / out
     run(DistillJob(model=model, out=path, prompts=prompts, max_tokens=args.max_tokens, dtype=dtype,
-                   temperature=args.temperature, enforce_eager=args.enforce_eager, seed=args.seed))
+                   temperature=args.temperature, enforce_eager=args.enforce_eager, seed=args.seed,
+                   first=args.first))
     print(path)
     return 0
 

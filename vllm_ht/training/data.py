@@ -32,7 +32,9 @@ def load_sequences(path: str | Path, max_len: int, min_response: int = 4,
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: make it with `vllm-ht make-data`")
-    out = []
+    if max_lines is not None and max_lines < 1:
+        raise ValueError(f"max_lines must be >= 1, got {max_lines}")
+    out, n = [], -1
     with open(path) as f:
         for n, line in enumerate(f):
             if max_lines is not None and n >= max_lines:
@@ -46,6 +48,9 @@ def load_sequences(path: str | Path, max_len: int, min_response: int = 4,
             out.append(Sequence(ids=ids, prompt_len=min(len(row["prompt_ids"]), len(ids))))
     if not out:
         raise ValueError(f"{path} holds no usable sequences")
+    if max_lines is not None and n + 1 < max_lines:
+        raise ValueError(f"{path} has {n + 1} lines, fewer than the {max_lines} asked for: make more with "
+                         f"`vllm-ht make-data` (same --num / --seed / --out), or ask for fewer")
     return out
 
 

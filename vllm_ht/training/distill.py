@@ -37,6 +37,7 @@ class DistillJob:
     max_model_len: int = 2048
     enforce_eager: bool = False
     seed: int = 0
+    first: int | None = None  # answer only prompts[:first] (ids unchanged)
 
 
 def settings(job: DistillJob) -> dict:
@@ -49,9 +50,15 @@ def meta_path(out: Path) -> Path:
     return out.with_name(out.name + ".meta.json")
 
 
-def check_resume(job: DistillJob, have: set[int]) -> None:
-    """Refuse to append to lines made under other settings; record this run's settings."""
+def check_resume(job: DistillJob, have: dict[int, str]) -> None:
+    """Refuse to append to lines made under other settings or for another prompt list (a line's
+    prompt must be this run's prompt of the same id); record this run's settings."""
     meta, mine = meta_path(job.out), settings(job)
+    other = [i for i, p in have.items() if i >= len(job.prompts) or job.prompts[i] != p]
+    if other:
+        raise ValueError(f"{job.out}: {len(other)} of its {len(have)} sequences answer other prompts than this "
+                         f"run's under the same ids (another --num, --seed or prompt file): resume with the "
+                         f"settings that made it, or write to another --out")
     if have and meta.is_file():
         theirs = json.loads(meta.read_text())
         changed = {k: (theirs.get(k), v) for k, v in mine.items() if theirs.get(k) != v}
@@ -60,21 +67,24 @@ def check_resume(job: DistillJob, have: set[int]) -> None:
                              f"as made vs asked): resume with the same settings (--dtype / --max-tokens / "
                              f"--temperature / --seed / --model), or write to another --out")
     elif have:
-        log.warning("%s: %d sequences without %s; their settings are not checked", job.out, len(have), meta.name)
+        log.warning("%s: %d sequences without %s; their dtype and length are not checked", job.out, len(have),
+                    meta.name)
     meta.write_text(json.dumps(mine) + "\n")
 
 
-def done_ids(path: Path) -> set[int]:
+def done_ids(path: Path) -> dict[int, str]:
+    """id -> prompt of every complete line already in the file."""
     if not path.is_file():
-        return set()
-    ids = set()
+        return {}
+    done = {}
     with open(path) as f:
         for line in f:
             try:
-                ids.add(json.loads(line)["id"])
+                row = json.loads(line)
+                done[row["id"]] = row["prompt"]
             except (json.JSONDecodeError, KeyError):
                 break  # a torn last line from an interrupted run: regenerated below
-    return ids
+    return done
 
 
 def _truncate_torn_tail(path: Path) -> None:
@@ -94,8 +104,9 @@ def run(job: DistillJob, progress: bool = True) -> Path:
     _truncate_torn_tail(job.out)
     have = done_ids(job.out)
     check_resume(job, have)
-    todo = [(i, p) for i, p in enumerate(job.prompts) if i not in have]
-    bar = tqdm(total=len(job.prompts), initial=len(job.prompts) - len(todo), desc="self-distil",
+    wanted = job.prompts[: job.first]
+    todo = [(i, p) for i, p in enumerate(wanted) if i not in have]
+    bar = tqdm(total=len(wanted), initial=len(wanted) - len(todo), desc="self-distil",
                unit="seq", disable=not progress)
     if not todo:
         bar.close()

@@ -206,6 +206,10 @@ class Trainer:
         if changed:
             raise ValueError(f"{path} was saved by a run with other projections ({changed}, as saved vs asked): "
                              f"resume with the same settings, or start afresh with another --out (or --no-resume)")
+        if state["cfg"].get("max_sequences") != self.cfg.max_sequences:   # it picks every batch
+            raise ValueError(f"{path} was saved by a run on {state['cfg'].get('max_sequences') or 'all'} lines of its "
+                             f"data, not {self.cfg.max_sequences or 'all'}: resume with the same --max-sequences, "
+                             f"or start afresh with another --out (or --no-resume)")
         if state["cfg"].get("init_from") != self.cfg.init_from:
             raise ValueError(f"{path} was saved by a run started from {state['cfg'].get('init_from') or 'the identity'}, "
                              f"not from {self.cfg.init_from or 'the identity'}: resume with the same --init-from, "
