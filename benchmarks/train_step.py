@@ -2,9 +2,10 @@
 
     python benchmarks/train_step.py [--model DIR] [--steps 4]
 
-Two trainers on the same batches (the shipped checkpoint's config: k=3, transfer layer 15,
+Three trainers on the same batches (the shipped checkpoint's config: k=3, transfer layer 15,
 batch 8, 64 anchors, sequences of ~70 + ~200 tokens of random ids; timing does not depend on the
-ids), one after the other in this process: uncached, then with `--real-cache` in bf16 over two
+ids), one after the other in this process: uncached; uncached with the teacher's LM head on every
+(anchor, step) row as before `unique_teacher_logprobs`; then with `--real-cache` in bf16 over two
 epochs (the first fills the cache, the second reads it). Prints the median seconds per step and
 the ratio to the uncached run. The cache is small here and read back from the OS page cache; a
 whole data set's cache is read from disk. Run it alone: two cores cannot time and do anything else.
@@ -18,9 +19,14 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
+import torch
+
+import vllm_ht.training.train as train_mod
 from vllm_ht.models import default_model_dir
-from vllm_ht.training.train import TrainConfig, Trainer
+from vllm_ht.training.loss import teacher_logprobs
+from vllm_ht.training.train import TrainConfig, Trainer, unique_teacher_logprobs
 
 
 def _data(path: Path, n: int) -> None:
@@ -30,6 +36,11 @@ def _data(path: Path, n: int) -> None:
             ids = [rng.randint(100, 40000) for _ in range(rng.randint(40, 120) + rng.randint(150, 260))]
             cut = rng.randint(40, 120)
             f.write(json.dumps({"prompt_ids": ids[:cut], "response_ids": ids[cut:]}) + "\n")
+
+
+def _teacher_per_row(bb, final, tpos, valid):
+    """The teacher log-probs as before the dedup: one LM-head row per (anchor, step)."""
+    return teacher_logprobs(bb, final[torch.arange(final.shape[0])[:, None, None], tpos][valid])
 
 
 def _epochs(trainer: Trainer, steps: int) -> list[float]:
@@ -51,11 +62,15 @@ def main() -> None:
         tmp = Path(tmp)
         _data(tmp / "data.jsonl", 8 * args.steps)
         rows = {}
-        for name, extra in (("uncached", {}), ("real-pass cache (bf16)", {"real_cache": str(tmp / "cache")})):
-            cfg = TrainConfig(model=model, data=str(tmp / "data.jsonl"), out=str(tmp / name.split()[0]),
+        runs = (("uncached", {}, unique_teacher_logprobs),
+                ("uncached, teacher/row", {}, _teacher_per_row),   # before: the LM head on every teacher row
+                ("real-pass cache (bf16)", {"real_cache": str(tmp / "cache")}, unique_teacher_logprobs))
+        for i, (name, extra, teacher) in enumerate(runs):
+            cfg = TrainConfig(model=model, data=str(tmp / "data.jsonl"), out=str(tmp / f"run{i}"),
                               transfer_layers=[15, 15, 15], steps=1000, **extra)
             trainer = Trainer(cfg)
-            times = _epochs(trainer, args.steps)
+            with mock.patch.object(train_mod, "unique_teacher_logprobs", teacher):
+                times = _epochs(trainer, args.steps)
             rows[name] = (statistics.median(times[: args.steps]), statistics.median(times[args.steps :]))
             if trainer.real_cache is not None:       # epoch 1 wrote every sequence, epoch 2 read them all
                 cache = trainer.real_cache
