@@ -108,8 +108,18 @@ def test_max_lines_keeps_the_first_lines_of_the_file(tiny_data):
     every = load_sequences(tiny_data, max_len=64)
     first = load_sequences(tiny_data, max_len=64, max_lines=5)
     assert len(every) == 12 and [s.ids for s in first] == [s.ids for s in every[:5]]
+    assert len(load_sequences(tiny_data, max_len=64, max_lines=12)) == 12        # exactly the file's lines
     with pytest.raises(ValueError, match="has 12 lines, fewer than the 13 asked for.*make-data"):
         load_sequences(tiny_data, max_len=64, max_lines=13)
+
+
+def test_a_line_still_being_written_is_a_clear_error_unless_past_the_lines_asked_for(tiny_data, tmp_path):
+    lines = tiny_data.read_text().splitlines(keepends=True)
+    growing = tmp_path / "growing.jsonl"
+    growing.write_text("".join(lines[:6]) + lines[6][:20])          # make-data mid-write of line 7
+    assert len(load_sequences(growing, max_len=64, max_lines=6)) == 6
+    with pytest.raises(ValueError, match="line 7 is not whole JSON.*--max-sequences 6"):
+        load_sequences(growing, max_len=64)
 
 
 def test_a_resume_on_another_number_of_lines_is_refused(tiny_model, tiny_data, tmp_path):
@@ -194,7 +204,6 @@ def test_a_run_continued_from_a_checkpoint_starts_from_its_weights_and_counts_it
     after a resume; a checkpoint with other projection settings is refused with the fix."""
     import json
     from dataclasses import replace
-
 
     first = _trainer(tiny_model, tiny_data, tmp_path / "first", 4)
     first = Trainer(replace(first.cfg, save_dtype="float32"), model=tiny_model)   # exact round trip

@@ -41,7 +41,12 @@ def load_sequences(path: str | Path, max_len: int, min_response: int = 4,
                 break
             if not line.strip():
                 continue
-            row = json.loads(line)
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: line {n + 1} is not whole JSON ({e.msg}), as when make-data is still "
+                                 f"writing it: train on fewer lines (--max-sequences {n}) or let make-data "
+                                 f"finish its chunk") from e
             if len(row["response_ids"]) < min_response:
                 continue
             ids = (row["prompt_ids"] + row["response_ids"])[:max_len]
