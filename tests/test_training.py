@@ -120,6 +120,9 @@ def test_a_line_still_being_written_is_a_clear_error_unless_past_the_lines_asked
     assert len(load_sequences(growing, max_len=64, max_lines=6)) == 6
     with pytest.raises(ValueError, match="line 7 is not whole JSON.*--max-sequences 6"):
         load_sequences(growing, max_len=64)
+    growing.write_text(lines[0][:20])                                # ... or of its first line
+    with pytest.raises(ValueError, match="line 1 is not whole JSON.*stopped mid-line: let make-data finish"):
+        load_sequences(growing, max_len=64)
 
 
 def test_a_resume_on_another_number_of_lines_is_refused(tiny_model, tiny_data, tmp_path):

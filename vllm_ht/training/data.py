@@ -44,9 +44,10 @@ def load_sequences(path: str | Path, max_len: int, min_response: int = 4,
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
+                fewer = f"train on the {n} lines before it (--max-sequences {n}), or " if n else ""
                 raise ValueError(f"{path}: line {n + 1} is not whole JSON ({e.msg}), as when make-data is still "
-                                 f"writing it: train on fewer lines (--max-sequences {n}) or let make-data "
-                                 f"finish its chunk") from e
+                                 f"writing it or was stopped mid-line: {fewer}let make-data finish its chunk "
+                                 f"(or run it again: it trims a torn last line and resumes)") from e
             if len(row["response_ids"]) < min_response:
                 continue
             ids = (row["prompt_ids"] + row["response_ids"])[:max_len]
