@@ -5,6 +5,7 @@ A sequence is prompt_ids + response_ids, cut to max_len. The order of batches de
 """
 from __future__ import annotations
 
+import itertools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,9 +37,7 @@ def load_sequences(path: str | Path, max_len: int, min_response: int = 4,
         raise ValueError(f"max_lines must be >= 1, got {max_lines}")
     out, n = [], -1
     with open(path) as f:
-        for n, line in enumerate(f):
-            if max_lines is not None and n >= max_lines:
-                break
+        for n, line in enumerate(itertools.islice(f, max_lines)):     # None: every line
             if not line.strip():
                 continue
             try:

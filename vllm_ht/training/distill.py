@@ -67,8 +67,8 @@ def check_resume(job: DistillJob, have: dict[int, str]) -> None:
                              f"as made vs asked): resume with the same settings (--dtype / --max-tokens / "
                              f"--temperature / --seed / --model), or write to another --out")
     elif have:
-        log.warning("%s: %d sequences without %s: their dtype, length, temperature, seed and model are not checked", job.out, len(have),
-                    meta.name)
+        log.warning("%s: %d sequences without %s: their dtype, length, temperature, seed and model "
+                    "are not checked", job.out, len(have), meta.name)
     meta.write_text(json.dumps(mine) + "\n")
 
 

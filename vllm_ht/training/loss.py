@@ -62,10 +62,11 @@ def teacher_logprobs(bb: Backbone, teacher: torch.Tensor) -> torch.Tensor:
         torch.zeros(0, bb.lm_head.out_features)
 
 
-def distill_loss(bb: Backbone, draft: torch.Tensor, teacher: torch.Tensor, valid: torch.Tensor,
+def distill_loss(bb: Backbone, draft: torch.Tensor, teacher: torch.Tensor | None, valid: torch.Tensor,
                  step_weights: list[float] | None = None, logp: torch.Tensor | None = None) -> LossOut:
-    """draft [B, A, k, d] (grad), teacher [B, A, k, d] (real states at anchor + s + 1),
-    valid [B, A, k] bool. Invalid rows contribute nothing (they are never computed)."""
+    """draft [B, A, k, d] (grad), teacher [B, A, k, d] (real states at anchor + s + 1; None when
+    `logp`, the valid rows' teacher log-probs, is given), valid [B, A, k] bool. Invalid rows
+    contribute nothing (they are never computed)."""
     k = draft.shape[2]
     steps = torch.arange(k).expand_as(valid)[valid]              # [n] step of each valid row
     d_rows = draft[valid]                                        # [n, d]

@@ -162,15 +162,14 @@ class Trainer:
         valid = targets_valid(anchors, batch.lengths, k)                          # [B, A, k]
         t = batch.ids.shape[1]
         tpos = (anchors[:, :, None] + torch.arange(k) + 1).clamp(max=t - 1)        # teacher rows
-        teacher = real.final[torch.arange(anchors.shape[0])[:, None, None], tpos]  # [B, A, k, d]
         draft = pseudo_pass(self.bb, self.projections, self.ht_config, real, anchors)
-        out = distill_loss(self.bb, draft, teacher, valid, cfg.step_weights,
+        out = distill_loss(self.bb, draft, None, valid, cfg.step_weights,
                            logp=unique_teacher_logprobs(self.bb, real.final, tpos, valid))
         total = out.loss
         stats = {"loss": float(out.loss.detach()), **{f"top1_{s + 1}": a for s, a in enumerate(out.top1)}}
         if self.medusa is not None:
             h_last = real.final[torch.arange(anchors.shape[0])[:, None], anchors]  # [B, A, d]
-            m = distill_loss(self.bb, self.medusa(h_last), teacher, valid, cfg.step_weights, logp=out.logp)
+            m = distill_loss(self.bb, self.medusa(h_last), None, valid, cfg.step_weights, logp=out.logp)
             total = total + m.loss
             stats.update({"medusa_loss": float(m.loss.detach()), **{f"medusa_top1_{s + 1}": a for s, a in enumerate(m.top1)}})
         self.opt.zero_grad(set_to_none=True)
