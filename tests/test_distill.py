@@ -4,7 +4,7 @@ from dataclasses import replace
 
 import pytest
 
-from vllm_ht.training.distill import DistillJob, check_resume, done_ids, meta_path
+from vllm_ht.training.distill import DistillJob, check_resume, done_prompts, meta_path
 
 DONE = {0: "a", 1: "b"}          # id -> prompt of the lines already in the file
 
@@ -48,4 +48,4 @@ def test_done_ids_reads_each_complete_line_and_stops_at_a_torn_one(tmp_path):
     path = tmp_path / "train.jsonl"
     path.write_text(json.dumps({"id": 0, "prompt": "a", "prompt_ids": [1], "response_ids": [2]}) + "\n"
                     + '{"id": 1, "prom')
-    assert done_ids(path) == {0: "a"}
+    assert done_prompts(path) == {0: "a"}

@@ -72,7 +72,7 @@ def check_resume(job: DistillJob, have: dict[int, str]) -> None:
     meta.write_text(json.dumps(mine) + "\n")
 
 
-def done_ids(path: Path) -> dict[int, str]:
+def done_prompts(path: Path) -> dict[int, str]:
     """id -> prompt of every complete line already in the file."""
     if not path.is_file():
         return {}
@@ -102,7 +102,7 @@ def run(job: DistillJob, progress: bool = True) -> Path:
 
     job.out.parent.mkdir(parents=True, exist_ok=True)
     _truncate_torn_tail(job.out)
-    have = done_ids(job.out)
+    have = done_prompts(job.out)
     check_resume(job, have)
     wanted = job.prompts[: job.first]
     todo = [(i, p) for i, p in enumerate(wanted) if i not in have]
